@@ -1,0 +1,67 @@
+# Two commands for a new user: `make demo` and `make test`. Each sets up everything it
+# needs (virtual environment, the project and its extras, the Mosquitto broker) first.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.fedledger-installed
+DEMO_ARGS ?=
+PYTEST_ARGS ?=
+
+.PHONY: demo test setup broker lint bench clean help
+
+help:
+	@echo "make demo    set everything up and run a federated training on this machine"
+	@echo "make test    set everything up and run the whole test suite"
+	@echo "make bench   print the benchmark figures as JSON"
+	@echo "make lint    ruff over the tree"
+
+demo: setup broker
+	$(BIN)/fedledger demo $(DEMO_ARGS)
+
+test: setup broker
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+lint: setup
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+bench: setup broker
+	$(BIN)/fedledger bench aggregate --json
+	$(BIN)/fedledger bench ingest --json
+
+setup: $(STAMP)
+
+# A venv needs Debian's python3-venv; install it when missing (root or sudo), else explain.
+$(BIN)/python:
+	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 10))' || \
+	  { echo "error: fedledger needs Python 3.10 or newer ($(PYTHON) is older); set PYTHON=..." >&2; exit 1; }
+	@if ! $(PYTHON) -m venv $(VENV) >/dev/null 2>&1; then \
+	  rm -rf $(VENV); \
+	  $(MAKE) --no-print-directory _apt PKGS="python3-venv" WHAT="Python's venv module"; \
+	  $(PYTHON) -m venv $(VENV); \
+	fi
+
+$(STAMP): pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check uv
+	$(BIN)/uv pip install --quiet --python $(BIN)/python -e '.[dev]'
+	@touch $@
+
+broker:
+	@if command -v mosquitto >/dev/null 2>&1 || [ -x /usr/sbin/mosquitto ]; then exit 0; fi; \
+	$(MAKE) --no-print-directory _apt PKGS="mosquitto" WHAT="the Mosquitto MQTT broker"
+
+# Install Debian packages $(PKGS) as root or through sudo; say what to do when neither works.
+_apt:
+	@if [ "$$(id -u)" = 0 ]; then SUDO=; \
+	elif command -v sudo >/dev/null 2>&1 && sudo -n true 2>/dev/null; then SUDO=sudo; \
+	else echo "error: $(WHAT) is missing and installing it needs root." >&2; \
+	     echo "       Run: sudo apt-get install $(PKGS)   (then run make again)" >&2; exit 1; fi; \
+	if ! command -v apt-get >/dev/null 2>&1; then \
+	  echo "error: $(WHAT) is missing; install the package '$(PKGS)' with your package manager." >&2; exit 1; fi; \
+	echo "installing $(PKGS) ($(WHAT)) with apt-get"; \
+	$$SUDO apt-get update -qq && \
+	DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends $(PKGS) >/dev/null
+
+clean:
+	rm -rf $(VENV) fedledger-demo fedledger-demo.log .pytest_cache .ruff_cache .hypothesis

@@ -1,0 +1,179 @@
+"""The edge agent: waits for a signed global model, trains on local data, sends a signed
+int8 update. It imports only ``fedcore``: what a device installs stays small."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import queue
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+from fedcore import (
+    TYPE_MODEL,
+    FedledgerError,
+    Message,
+    ModelHeader,
+    SignatureError,
+    Signer,
+    TaskSpec,
+    Transport,
+    UpdateHeader,
+    WireError,
+    decode_envelope,
+    decode_tensors,
+    encode_tensors,
+    encode_update,
+    model_topic,
+    train,
+    update_topic,
+    verify_signature,
+)
+
+log = logging.getLogger(__name__)
+
+
+class AgentError(FedledgerError):
+    """The agent cannot go on (state file, task mismatch)."""
+
+
+@dataclass
+class AgentState:
+    """Persisted across restarts: a counter is never reused, a round never trained twice."""
+
+    counter: int = -1
+    last_round: int = -1
+
+    @classmethod
+    def load(cls, path: Path | None) -> AgentState:
+        if path is None or not path.exists():
+            return cls()
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+            return cls(counter=int(data["counter"]), last_round=int(data["last_round"]))
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise AgentError(f"{path}: unreadable agent state: {exc}") from None
+
+    def save(self, path: Path | None) -> None:
+        if path is None:
+            return
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(path.suffix + ".tmp")
+        with tmp.open("w", encoding="utf-8") as handle:
+            json.dump({"counter": self.counter, "last_round": self.last_round}, handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+
+
+class EdgeAgent:
+    def __init__(
+        self,
+        *,
+        device: str,
+        task: TaskSpec,
+        transport: Transport,
+        signer: Signer,
+        gateway_key: Ed25519PublicKey,
+        data: tuple[np.ndarray, np.ndarray],
+        state_path: Path | None = None,
+        seed: int = 0,
+    ):
+        self.device = device
+        self.task = task
+        self.spec = task.model_spec()
+        self.transport = transport
+        self.x, self.y = data
+        if self.x.shape[1] != self.spec.n_features:
+            raise AgentError(
+                f"local data has {self.x.shape[1]} features, the task's model expects "
+                f"{self.spec.n_features}"
+            )
+        self._signer = signer
+        self._gateway_key = gateway_key
+        self._state_path = state_path
+        self._seed = seed
+        self.state = AgentState.load(state_path)
+        self.final_model: str | None = None
+        self.rounds_trained = 0
+        self.bytes_sent = 0
+
+    def start(self) -> None:
+        self.transport.subscribe(model_topic(self.task.id), 1)
+        self.transport.start()
+
+    def run(self, stop: threading.Event | None = None, *, exit_on_final: bool = True) -> None:
+        while not (stop is not None and stop.is_set()):
+            if exit_on_final and self.final_model is not None:
+                return
+            self.step(0.2)
+
+    def step(self, timeout: float) -> None:
+        try:
+            message = self.transport.messages.get(timeout=timeout)
+        except queue.Empty:
+            return
+        self.handle(message)
+
+    def handle(self, message: Message) -> None:
+        if message.topic != model_topic(self.task.id):
+            return
+        try:
+            envelope = decode_envelope(message.payload, max_bytes=64 << 20)
+            if envelope.type != TYPE_MODEL:
+                raise WireError("wrong_type", "not a model message")
+            verify_signature(self._gateway_key, envelope.signature, envelope.signed)
+        except (WireError, SignatureError) as exc:
+            log.warning("ignored a global model message: %s", exc)
+            return
+        header = envelope.header
+        assert isinstance(header, ModelHeader)
+        if header.task != self.task.id:
+            return
+        if header.status == "final":
+            self.final_model = header.model_hash
+            log.info("task %s finished; final model %s", self.task.id, header.model_hash[:12])
+            return
+        if header.round <= self.state.last_round:
+            return  # already trained on this round (a retained or re-published model)
+        self._train_and_send(header, decode_tensors(envelope.payload))
+
+    def _train_and_send(self, header: ModelHeader, global_params) -> None:
+        t = self.task.training
+        seed = int.from_bytes(
+            hashlib.sha256(f"{self._seed}/{self.device}/{header.round}".encode()).digest()[:8],
+            "big",
+        )
+        local = train(
+            self.spec, global_params, self.x, self.y,
+            epochs=t.epochs, batch_size=t.batch_size, lr=t.lr, seed=seed,
+        )  # fmt: skip
+        delta = {k: local[k] - global_params[k] for k in global_params}
+        payload = encode_tensors(delta, self.task.codec)
+        self.state.counter += 1
+        self.state.last_round = header.round
+        # Persist before sending: a crash after this never reuses the counter.
+        self.state.save(self._state_path)
+        frame = encode_update(
+            UpdateHeader(
+                task=self.task.id,
+                round=header.round,
+                device=self.device,
+                base=header.model_hash,
+                samples=len(self.y),
+                codec=self.task.codec,
+                counter=self.state.counter,
+            ),
+            payload,
+            self._signer,
+        )
+        self.transport.publish(update_topic(self.task.id, self.device), frame, qos=1)
+        self.rounds_trained += 1
+        self.bytes_sent += len(frame)
+        log.info("round %d: sent %d-byte update", header.round, len(frame))

@@ -1,0 +1,41 @@
+"""Agent configuration (TOML), validated at load."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from pydantic import field_validator
+
+from fedcore import BrokerSection, StrictModel, load_config, resolve_path
+
+
+class AgentSection(StrictModel):
+    #: This device's id: its MQTT client id, update topic and registry entry.
+    device: str
+    #: Ed25519 private key (PEM) the device signs its updates with.
+    key: Path
+    #: The task spec shared with the gateway.
+    task: Path
+    #: Local data: ``.npz`` with arrays ``x`` and ``y``, or ``.csv`` with the label last.
+    data: Path
+    #: The gateway's public key (base64): global models signed by anyone else are ignored.
+    gateway_public_key: str
+    #: Where the agent keeps its update counter and last trained round across restarts.
+    state: Path
+    #: Leave once the gateway announces the task's final model.
+    exit_on_final: bool = False
+
+    @field_validator("key", "task", "data", "state", mode="before")
+    @classmethod
+    def _relative_to_file(cls, value, info):
+        return resolve_path(value, info)
+
+
+class AgentConfig(StrictModel):
+    agent: AgentSection
+    broker: BrokerSection = BrokerSection()
+
+
+def load_agent_config(path: str | os.PathLike[str]) -> AgentConfig:
+    return load_config(path, AgentConfig)

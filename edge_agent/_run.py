@@ -1,0 +1,55 @@
+"""Assemble an agent from its config file: the path ``fedledger agent run`` takes."""
+
+from __future__ import annotations
+
+from fedcore import (
+    ConfigError,
+    Message,
+    MqttSettings,
+    MqttTransport,
+    Transport,
+    Will,
+    load_local_data,
+    load_private_key,
+    load_public_key,
+    load_task,
+    presence_topic,
+    signer_from_key,
+)
+
+from ._agent import EdgeAgent
+from ._config import AgentConfig
+
+
+def open_agent(
+    config: AgentConfig, *, source: str, transport: Transport | None = None
+) -> EdgeAgent:
+    """Build an :class:`EdgeAgent`; ``source`` is the config file named in errors."""
+    a = config.agent
+    task = load_task(a.task)
+    try:
+        gateway_key = load_public_key(a.gateway_public_key)
+    except ValueError as exc:
+        raise ConfigError(str(exc), file=source, key="agent.gateway_public_key") from None
+    key = load_private_key(a.key)
+    if transport is None:
+        presence = presence_topic(task.id, a.device)
+        transport = MqttTransport(
+            MqttSettings(
+                host=config.broker.host,
+                port=config.broker.port,
+                keepalive=config.broker.keepalive,
+                client_id=f"agent-{a.device}",
+                will=Will(presence, b"offline"),
+                online=Message(presence, b"online", retain=True),
+            )
+        )
+    return EdgeAgent(
+        device=a.device,
+        task=task,
+        transport=transport,
+        signer=signer_from_key(key),
+        gateway_key=gateway_key,
+        data=load_local_data(a.data),
+        state_path=a.state,
+    )

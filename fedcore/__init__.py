@@ -1,0 +1,127 @@
+"""fedcore: what agents and gateways must agree on (wire format, codecs, models, keys).
+
+Both sides import this package; it imports neither of them.
+"""
+
+from ._canonical import canonical_json, sha256_hex
+from ._codec import CODECS, TensorView, decode_tensors, encode_tensors, iter_tensors, quantize_int8
+from ._config import BrokerSection, StrictModel, load_config, resolve_path, validate_config
+from ._data import load_local_data
+from ._errors import CodecError, ConfigError, FedledgerError, SignatureError, WireError
+from ._model import (
+    MODEL_KINDS,
+    ModelSpec,
+    Params,
+    accuracy,
+    init_params,
+    model_hash,
+    model_payload,
+    predict_logits,
+    train,
+)
+from ._signing import (
+    Signer,
+    generate_key,
+    load_private_key,
+    load_public_key,
+    public_key_b64,
+    save_private_key,
+    signer_from_key,
+    verify_signature,
+)
+from ._task import TaskSpec, load_task
+from ._topics import (
+    IDENTIFIER,
+    device_from_topic,
+    model_topic,
+    presence_subscription,
+    presence_topic,
+    update_subscription,
+    update_topic,
+)
+from ._transport import (
+    InMemoryBroker,
+    InMemoryTransport,
+    Message,
+    MqttSettings,
+    MqttTransport,
+    Transport,
+    Will,
+)
+from ._wire import (
+    DEFAULT_MAX_MESSAGE_BYTES,
+    TYPE_MODEL,
+    TYPE_UPDATE,
+    WIRE_VERSION,
+    Envelope,
+    ModelHeader,
+    UpdateHeader,
+    decode_envelope,
+    encode_model,
+    encode_update,
+)
+
+__all__ = [
+    "CODECS",
+    "DEFAULT_MAX_MESSAGE_BYTES",
+    "IDENTIFIER",
+    "MODEL_KINDS",
+    "TYPE_MODEL",
+    "TYPE_UPDATE",
+    "WIRE_VERSION",
+    "BrokerSection",
+    "CodecError",
+    "ConfigError",
+    "Envelope",
+    "FedledgerError",
+    "InMemoryBroker",
+    "InMemoryTransport",
+    "Message",
+    "ModelHeader",
+    "ModelSpec",
+    "MqttSettings",
+    "MqttTransport",
+    "Params",
+    "SignatureError",
+    "Signer",
+    "StrictModel",
+    "TaskSpec",
+    "TensorView",
+    "Transport",
+    "UpdateHeader",
+    "Will",
+    "WireError",
+    "accuracy",
+    "canonical_json",
+    "decode_envelope",
+    "decode_tensors",
+    "device_from_topic",
+    "encode_model",
+    "encode_tensors",
+    "encode_update",
+    "generate_key",
+    "init_params",
+    "iter_tensors",
+    "load_config",
+    "load_local_data",
+    "load_private_key",
+    "load_public_key",
+    "load_task",
+    "model_hash",
+    "model_payload",
+    "model_topic",
+    "predict_logits",
+    "presence_subscription",
+    "presence_topic",
+    "public_key_b64",
+    "quantize_int8",
+    "resolve_path",
+    "save_private_key",
+    "sha256_hex",
+    "signer_from_key",
+    "train",
+    "update_subscription",
+    "update_topic",
+    "validate_config",
+    "verify_signature",
+]

@@ -1,0 +1,84 @@
+"""Typed config files: TOML validated by pydantic, errors that name the file and key."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from ._errors import ConfigError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - exercised on Python 3.10 only
+    import tomli as tomllib
+
+T = TypeVar("T", bound=BaseModel)
+
+
+class StrictModel(BaseModel):
+    """Base of every config section: unknown keys are errors, values are not coerced."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+
+class BrokerSection(StrictModel):
+    """Where the MQTT broker is; shared by agent and gateway configs."""
+
+    host: str = "127.0.0.1"
+    port: Annotated[int, Field(ge=1, le=65535)] = 1883
+    keepalive: Annotated[int, Field(ge=5, le=3600)] = 30
+
+
+def load_config(path: str | os.PathLike[str], model: type[T]) -> T:
+    """Read ``path`` (TOML) into ``model``; relative paths inside resolve from its folder."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError("file not found", file=str(path)) from None
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = getattr(exc, "strerror", None) or str(exc)
+        raise ConfigError(f"cannot read: {reason}", file=str(path)) from None
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"not valid TOML: {exc}", file=str(path)) from None
+    return validate_config(data, model, file=str(path), base_dir=path.parent)
+
+
+def validate_config(
+    data: dict[str, Any], model: type[T], *, file: str, base_dir: Path | None = None
+) -> T:
+    try:
+        return model.model_validate(data, context={"base_dir": base_dir or Path.cwd()})
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        key = ".".join(str(part) for part in first["loc"]) or None
+        message = first["msg"]
+        if first["type"] == "extra_forbidden":
+            allowed = _allowed_keys(model, first["loc"][:-1])
+            message = f"unknown key (allowed: {', '.join(allowed)})"
+        elif first["type"] == "missing":
+            message = "required key is missing"
+        raise ConfigError(message, file=file, key=key) from None
+
+
+def _allowed_keys(model: type[BaseModel], loc: tuple) -> list[str]:
+    current: Any = model
+    for part in loc:
+        field = getattr(current, "model_fields", {}).get(part)
+        if field is None:
+            return []
+        current = field.annotation
+    return sorted(getattr(current, "model_fields", {}))
+
+
+def resolve_path(value: str | Path, info: Any) -> Path:
+    """Field validator helper: a path relative to the config file's folder."""
+    base = (info.context or {}).get("base_dir") or Path.cwd()
+    path = Path(value)
+    return path if path.is_absolute() else Path(base) / path

@@ -1,0 +1,65 @@
+"""The task spec: one file that a gateway and its agents share.
+
+It fixes the model (so both sides interpret the same tensors), the local training recipe,
+the update codec and the round policy. Its hash is recorded on the ledger with every round.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Annotated, Literal
+
+from pydantic import Field
+
+from ._canonical import canonical_json, sha256_hex
+from ._config import StrictModel, load_config
+from ._errors import ConfigError
+from ._model import ModelSpec
+
+Identifier = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")]
+
+
+class ModelSection(StrictModel):
+    kind: Literal["logreg", "mlp"]
+    n_features: Annotated[int, Field(ge=1)]
+    n_classes: Annotated[int, Field(ge=2)]
+    hidden: Annotated[int, Field(ge=1)] = 16
+    feature_mean: list[float] = Field(default_factory=list)
+    feature_scale: list[float] = Field(default_factory=list)
+    init_seed: int = 0
+
+    def spec(self) -> ModelSpec:
+        return ModelSpec.from_dict(self.model_dump())
+
+
+class TrainingSection(StrictModel):
+    epochs: Annotated[int, Field(ge=1, le=1000)] = 5
+    batch_size: Annotated[int, Field(ge=1)] = 16
+    lr: Annotated[float, Field(gt=0, le=10)] = 0.1
+
+
+class TaskSpec(StrictModel):
+    id: Identifier
+    rounds: Annotated[int, Field(ge=1)] = 10
+    codec: Literal["f32", "int8"] = "int8"
+    #: Updates needed to close a round at its deadline; fewer and the deadline is extended.
+    quorum: Annotated[int, Field(ge=1)] = 1
+    #: Seconds a round stays open waiting for every registered device.
+    round_timeout: Annotated[float, Field(gt=0)] = 30.0
+    model: ModelSection
+    training: TrainingSection = TrainingSection()
+
+    def model_spec(self) -> ModelSpec:
+        return self.model.spec()
+
+    def spec_hash(self) -> str:
+        return sha256_hex(canonical_json(self.model_dump(mode="json")))
+
+
+def load_task(path: str | os.PathLike[str]) -> TaskSpec:
+    task = load_config(path, TaskSpec)
+    try:
+        task.model_spec()
+    except ValueError as exc:
+        raise ConfigError(str(exc), file=str(path), key="model") from None
+    return task

@@ -1,0 +1,47 @@
+"""MQTT topic layout, in one place.
+
+Every topic starts with ``fedledger/v1/<task>``; the ``v1`` segment changes only with a
+breaking wire version, so old and new fleets never read each other's messages.
+"""
+
+from __future__ import annotations
+
+import re
+
+PREFIX = "fedledger/v1"
+
+#: Device and task identifiers: safe in topics, file names and SQL without quoting.
+IDENTIFIER = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+
+
+def model_topic(task: str) -> str:
+    """Retained: the current global model of ``task``, published by the gateway."""
+    return f"{PREFIX}/{task}/model"
+
+
+def update_topic(task: str, device: str) -> str:
+    """Where ``device`` publishes its updates (QoS 1)."""
+    return f"{PREFIX}/{task}/update/{device}"
+
+
+def update_subscription(task: str) -> str:
+    return f"{PREFIX}/{task}/update/+"
+
+
+def presence_topic(task: str, device: str) -> str:
+    """Retained ``online``/``offline``; ``offline`` is also the device's last will."""
+    return f"{PREFIX}/{task}/presence/{device}"
+
+
+def presence_subscription(task: str) -> str:
+    return f"{PREFIX}/{task}/presence/+"
+
+
+def device_from_topic(topic: str, task: str) -> str | None:
+    """The device id in an update or presence topic of ``task``, or None if it is not one."""
+    for kind in ("update", "presence"):
+        head = f"{PREFIX}/{task}/{kind}/"
+        if topic.startswith(head):
+            device = topic[len(head) :]
+            return device if IDENTIFIER.match(device) else None
+    return None

@@ -1,0 +1,239 @@
+"""``fedledger demo``: a whole federation on one machine, every part real.
+
+A private Mosquitto, a gateway with its store and embedded ledger, and N agents, each a
+separate process (``fedledger agent run``) with its own key, MQTT identity and data.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from fedcore import accuracy, init_params, load_task, train
+from gateway import RoundResult, load_gateway_config, open_gateway
+from ledger import EmbeddedLedger
+
+from ._broker import MosquittoBroker
+from ._datasets import load_dataset
+from ._provision import Layout, TaskOptions, provision
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class DemoOptions:
+    devices: int = 10
+    rounds: int = 10
+    seed: int = 0
+    alpha: float = 0.5
+    workdir: Path = Path("fedledger-demo")
+    json_path: Path | None = None
+    plot: bool = True
+    agents: str = "process"  # or "thread": agents inside this process (faster start)
+    task: TaskOptions = field(default_factory=TaskOptions)
+
+
+def centralized_accuracy(layout: Layout, dataset) -> float:
+    """The same model and recipe trained on the pooled data: the bar federation aims for."""
+    task = load_task(layout.task)
+    spec = task.model_spec()
+    t = task.training
+    params = train(
+        spec, init_params(spec), dataset.x_train, dataset.y_train,
+        epochs=t.epochs * task.rounds, batch_size=t.batch_size, lr=t.lr, seed=0,
+    )  # fmt: skip
+    return accuracy(spec, params, dataset.x_test, dataset.y_test)
+
+
+class _Agents:
+    """The demo's edge devices: separate processes, or threads for quick runs."""
+
+    def __init__(self, layout: Layout, mode: str):
+        self.layout = layout
+        self.mode = mode
+        self._procs: list[subprocess.Popen[bytes]] = []
+        self._threads: list[Any] = []
+        self._stop = None
+
+    def start(self) -> None:
+        if self.mode == "process":
+            logs = self.layout.root / "logs"
+            logs.mkdir(exist_ok=True)
+            for device, config in self.layout.agent_configs.items():
+                with (logs / f"{device}.log").open("wb") as out:
+                    self._procs.append(
+                        subprocess.Popen(
+                            [
+                                sys.executable,
+                                "-m",
+                                "fedledger",
+                                "agent",
+                                "run",
+                                "--config",
+                                str(config),
+                            ],
+                            stdout=out,
+                            stderr=subprocess.STDOUT,
+                            stdin=subprocess.DEVNULL,
+                        )
+                    )
+            return
+        import threading
+
+        from edge_agent import load_agent_config, open_agent
+
+        self._stop = threading.Event()
+        for config in self.layout.agent_configs.values():
+            agent = open_agent(load_agent_config(config), source=str(config))
+            agent.start()
+            thread = threading.Thread(target=agent.run, args=(self._stop,), daemon=True)
+            thread.start()
+            self._threads.append((agent, thread))
+
+    def stop(self, grace: float = 10.0) -> None:
+        end = time.monotonic() + grace
+        for proc in self._procs:
+            try:
+                proc.wait(max(0.1, end - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                proc.terminate()
+        for proc in self._procs:
+            try:
+                proc.wait(5)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        for agent, thread in self._threads:
+            thread.join(max(0.1, end - time.monotonic()))
+            if self._stop is not None:
+                self._stop.set()
+            agent.transport.stop()
+
+
+def run_demo(
+    options: DemoOptions,
+    *,
+    on_round: Callable[[RoundResult], None] | None = None,
+    on_status: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
+    """Run the whole federation; return the report (also written as JSON)."""
+    status = on_status or (lambda _msg: None)
+    started = time.monotonic()
+    dataset = load_dataset(seed=options.seed)
+    root = options.workdir.resolve()
+    with MosquittoBroker() as broker:
+        status(f"Mosquitto listening on {broker.host}:{broker.port}")
+        layout = provision(
+            root,
+            dataset,
+            devices=options.devices,
+            alpha=options.alpha,
+            seed=options.seed,
+            options=TaskOptions(**{**options.task.__dict__, "rounds": options.rounds}),
+            broker_host=broker.host,
+            broker_port=broker.port,
+        )
+        status(f"provisioned {options.devices} devices under {root}")
+        gateway = open_gateway(load_gateway_config(layout.gateway_config), on_round=on_round)
+        agents = _Agents(layout, options.agents)
+        try:
+            gateway.connect()
+            agents.start()
+            status(
+                f"starting {options.devices} agents ({options.agents}es)".replace(
+                    "threades", "threads"
+                )
+            )
+            online = gateway.wait_for_devices(60.0)
+            status(f"{online} of {options.devices} devices online; training")
+            gateway.start()
+            results = gateway.run()
+            agents.stop()
+        finally:
+            agents.stop(grace=0)
+            gateway.close()
+    with EmbeddedLedger.open_readonly(layout.ledger) as chain:
+        verify = chain.verify(public_key=layout.gateway_public_key)
+    central = centralized_accuracy(layout, dataset)
+    final = results[-1].accuracy if results else None
+    report: dict[str, Any] = {
+        "task": options.task.task_id,
+        "dataset": dataset.name,
+        "devices": options.devices,
+        "alpha": options.alpha,
+        "seed": options.seed,
+        "codec": options.task.codec,
+        "model": options.task.model,
+        "device_samples": layout.device_samples,
+        "device_labels": layout.device_labels,
+        "rounds": [
+            {
+                "round": r.round,
+                "accuracy": r.accuracy,
+                "participants": r.participants,
+                "samples": r.samples,
+                "bytes_received": r.bytes_received,
+                "rejected": r.rejected,
+                "rejected_by_reason": r.rejected_by_reason,
+                "duration_s": round(r.duration_s, 4),
+                "model_hash": r.model_hash,
+                "ledger_height": r.ledger_height,
+            }
+            for r in results
+        ],
+        "final_accuracy": final,
+        "centralized_accuracy": central,
+        "gap_pp": None if final is None else round(100 * (central - final), 3),
+        "final_model": results[-1].model_hash if results else None,
+        "ledger_verified": verify.ok,
+        "ledger_blocks": verify.blocks,
+        "ledger_problem": verify.problem,
+        "ledger_path": str(layout.ledger),
+        "gateway_public_key": layout.gateway_public_key,
+        "workdir": str(root),
+        "duration_s": round(time.monotonic() - started, 3),
+    }
+    json_path = (options.json_path or root / "report.json").resolve()
+    json_path.parent.mkdir(parents=True, exist_ok=True)
+    if options.plot:
+        report["plot_path"] = str(write_plot(report, json_path.with_suffix(".png")))
+    report["report_path"] = str(json_path)
+    json_path.write_text(json.dumps(report, indent=2) + "\n")
+    return report
+
+
+def write_plot(report: dict[str, Any], path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rounds = [r["round"] + 1 for r in report["rounds"]]
+    accs = [100 * (r["accuracy"] or 0.0) for r in report["rounds"]]
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
+    ax.plot(
+        rounds,
+        accs,
+        marker="o",
+        label=f"federated ({report['devices']} devices, {report['codec']})",
+    )
+    ax.axhline(
+        100 * report["centralized_accuracy"], color="grey", linestyle="--", label="centralized"
+    )
+    ax.set_xlabel("round")
+    ax.set_ylabel("held-out accuracy (%)")
+    ax.set_title(f"{report['dataset']}: Dirichlet alpha={report['alpha']}, seed {report['seed']}")
+    ax.set_xticks(rounds)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path

@@ -1,0 +1,116 @@
+"""Live terminal view of a federated run: one row per round, then a summary."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from rich.console import Console, Group
+from rich.live import Live
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from gateway import RoundResult
+
+
+class RoundTable:
+    def __init__(self, console: Console, *, rounds: int, devices: int, enabled: bool = True):
+        self.console = console
+        self.devices = devices
+        self.enabled = enabled
+        self.rows: list[RoundResult] = []
+        self._status = "starting"
+        self._progress = Progress(
+            TextColumn("[bold]rounds"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            TextColumn("{task.description}"),
+            console=console,
+        )
+        self._task = self._progress.add_task("starting", total=rounds)
+        self._live: Live | None = None
+
+    def _table(self) -> Table:
+        table = Table(show_edge=False, header_style="bold")
+        for name, justify in (
+            ("round", "right"),
+            ("participants", "right"),
+            ("accuracy", "right"),
+            ("bytes received", "right"),
+            ("rejected", "right"),
+            ("seconds", "right"),
+        ):
+            table.add_column(name, justify=justify)
+        for r in self.rows:
+            table.add_row(
+                str(r.round + 1),
+                f"{r.participants}/{self.devices}",
+                "-" if r.accuracy is None else f"{100 * r.accuracy:.2f}%",
+                f"{r.bytes_received:,}",
+                str(r.rejected),
+                f"{r.duration_s:.2f}",
+            )
+        return table
+
+    def _render(self) -> Group:
+        return Group(self._table(), self._progress)
+
+    def __enter__(self) -> RoundTable:
+        if self.enabled and self.console.is_terminal:
+            self._live = Live(self._render(), console=self.console, refresh_per_second=8)
+            self._live.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._live is not None:
+            self._live.__exit__(*exc)  # type: ignore[arg-type]
+            self._live = None
+
+    def status(self, message: str) -> None:
+        self._status = message
+        self._progress.update(self._task, description=message)
+        if self._live is not None:
+            self._live.update(self._render())
+        elif self.enabled:
+            self.console.print(f"[dim]{message}[/]")
+
+    def add(self, result: RoundResult) -> None:
+        self.rows.append(result)
+        self._progress.update(self._task, advance=1, description="training")
+        if self._live is not None:
+            self._live.update(self._render())
+        elif self.enabled:
+            acc = "-" if result.accuracy is None else f"{100 * result.accuracy:.2f}%"
+            self.console.print(
+                f"round {result.round + 1:>3}  participants {result.participants}/{self.devices}"
+                f"  accuracy {acc}  bytes {result.bytes_received:,}  rejected {result.rejected}"
+                f"  {result.duration_s:.2f}s"
+            )
+
+    def summary(self, report: dict[str, Any]) -> None:
+        final = report["final_accuracy"]
+        central = report["centralized_accuracy"]
+        verified = "[green]verified[/]" if report["ledger_verified"] else "[red]FAILED[/]"
+        lines = [
+            "",
+            f"[bold]Federated[/] {report['devices']} devices x {len(report['rounds'])} rounds"
+            f" in {report['duration_s']:.1f} s",
+            f"  final accuracy        {100 * final:.2f}%"
+            if final is not None
+            else "  no round closed",
+            f"  centralized accuracy  {100 * central:.2f}%  (same model on the pooled data)",
+            f"  gap                   {report['gap_pp']:.2f} percentage points",
+            f"  final model           {str(report['final_model'])[:16]}...",
+            f"  ledger                {verified}: {report['ledger_blocks']} blocks in"
+            f" {report['ledger_path']}",
+            f"  report                {report['report_path']}",
+        ]
+        if report.get("plot_path"):
+            lines.append(f"  plot                  {report['plot_path']}")
+        if report["ledger_problem"]:
+            lines.append(f"  ledger problem        {report['ledger_problem']}")
+        lines.append(
+            f"  check it yourself:    fedledger ledger verify --db {report['ledger_path']}"
+        )
+        for line in lines:
+            self.console.print(line, highlight=False)

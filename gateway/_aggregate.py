@@ -1,0 +1,65 @@
+"""Aggregation rules: pure functions over ``(weights, n_samples)`` pairs, plus a streaming
+accumulator that folds updates in as they arrive so memory stays O(model)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+
+from fedcore import Params, TensorView
+
+
+def fedavg(pairs: Sequence[tuple[Mapping[str, np.ndarray], int]]) -> Params:
+    """Sample-weighted mean of parameter dicts (McMahan et al., 2017)."""
+    if not pairs:
+        raise ValueError("fedavg needs at least one update")
+    total = float(sum(n for _, n in pairs))
+    if total <= 0:
+        raise ValueError("fedavg needs a positive total sample count")
+    names = list(pairs[0][0])
+    out: Params = {}
+    for name in names:
+        acc = np.zeros_like(pairs[0][0][name], dtype=np.float64)
+        for weights, n in pairs:
+            acc += np.asarray(weights[name], dtype=np.float64) * (n / total)
+        out[name] = acc.astype(np.float32)
+    return out
+
+
+class FedAvgAccumulator:
+    """Streaming weighted mean: each update is dequantized straight into one buffer.
+
+    ``add`` takes the payload's tensor views (int8 or float32) and folds them in with one
+    multiply-add per tensor; nothing per update is kept.
+    """
+
+    def __init__(self, shapes: Mapping[str, tuple[int, ...]]):
+        self._sums = {name: np.zeros(shape, dtype=np.float32) for name, shape in shapes.items()}
+        self._scratch = {name: np.empty(shape, dtype=np.float32) for name, shape in shapes.items()}
+        self.total_samples = 0
+        self.count = 0
+
+    def add(self, views: Sequence[TensorView], n_samples: int) -> None:
+        for view in views:
+            scratch = self._scratch[view.name]
+            coef = np.float32(view.scale * n_samples)
+            np.multiply(view.data.reshape(scratch.shape), coef, out=scratch, casting="unsafe")
+            self._sums[view.name] += scratch
+        self.total_samples += n_samples
+        self.count += 1
+
+    def add_params(self, params: Mapping[str, np.ndarray], n_samples: int) -> None:
+        self.add(
+            [
+                TensorView(k, v.shape, np.asarray(v, np.float32).ravel(), 1.0)
+                for k, v in params.items()
+            ],
+            n_samples,
+        )
+
+    def result(self) -> Params:
+        if self.total_samples <= 0:
+            raise ValueError("no updates were accumulated")
+        scale = np.float32(1.0 / self.total_samples)
+        return {name: total * scale for name, total in self._sums.items()}

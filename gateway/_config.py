@@ -1,0 +1,50 @@
+"""Gateway configuration (TOML), validated at load."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Annotated
+
+from pydantic import Field, field_validator
+
+from fedcore import (
+    DEFAULT_MAX_MESSAGE_BYTES,
+    BrokerSection,
+    StrictModel,
+    load_config,
+    resolve_path,
+)
+
+
+class GatewaySection(StrictModel):
+    id: str = "gateway"
+    #: Ed25519 private key (PEM) that signs global models and ledger blocks.
+    key: Path
+    #: The task spec shared with the agents.
+    task: Path
+    #: Registered devices and their public keys (JSON).
+    registry: Path
+    #: SQLite file of accepted updates, models and rounds.
+    store: Path
+    #: SQLite file of the embedded ledger.
+    ledger: Path
+    #: Held-out data (``.npz`` with ``x`` and ``y``) to evaluate each new global model.
+    evaluation: Path | None = None
+    max_message_bytes: Annotated[int, Field(ge=1024, le=256 << 20)] = DEFAULT_MAX_MESSAGE_BYTES
+    #: Wait up to this many seconds for every registered device to come online before round 0.
+    start_wait: Annotated[float, Field(ge=0)] = 10.0
+
+    @field_validator("key", "task", "registry", "store", "ledger", "evaluation", mode="before")
+    @classmethod
+    def _relative_to_file(cls, value, info):
+        return None if value is None else resolve_path(value, info)
+
+
+class GatewayConfig(StrictModel):
+    gateway: GatewaySection
+    broker: BrokerSection = BrokerSection()
+
+
+def load_gateway_config(path: str | os.PathLike[str]) -> GatewayConfig:
+    return load_config(path, GatewayConfig)

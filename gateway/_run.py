@@ -1,0 +1,58 @@
+"""Assemble a gateway from its config file: the path ``fedledger gateway run`` takes."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from fedcore import (
+    MqttSettings,
+    MqttTransport,
+    Transport,
+    load_local_data,
+    load_private_key,
+    load_task,
+    public_key_b64,
+    signer_from_key,
+)
+from ledger import EmbeddedLedger
+
+from ._config import GatewayConfig
+from ._registry import DeviceRegistry
+from ._service import Gateway, RoundResult
+from ._store import UpdateStore
+
+
+def open_gateway(
+    config: GatewayConfig,
+    *,
+    transport: Transport | None = None,
+    on_round: Callable[[RoundResult], None] | None = None,
+) -> Gateway:
+    g = config.gateway
+    task = load_task(g.task)
+    registry = DeviceRegistry.load(g.registry)
+    key = load_private_key(g.key)
+    signer = signer_from_key(key)
+    evaluation = load_local_data(g.evaluation) if g.evaluation is not None else None
+    if transport is None:
+        transport = MqttTransport(
+            MqttSettings(
+                host=config.broker.host,
+                port=config.broker.port,
+                keepalive=config.broker.keepalive,
+                client_id=f"gateway-{g.id}",
+            ),
+        )
+    store = UpdateStore(g.store)
+    ledger = EmbeddedLedger(g.ledger, signer=signer, public_key=public_key_b64(key))
+    return Gateway(
+        task=task,
+        transport=transport,
+        store=store,
+        ledger=ledger,
+        registry=registry,
+        signer=signer,
+        evaluation=evaluation,
+        max_message_bytes=g.max_message_bytes,
+        on_round=on_round,
+    )

@@ -1,0 +1,438 @@
+"""The gateway service: runs a task's rounds from first model to final record.
+
+One thread owns all state. The transport's callback thread only queues messages; this
+thread validates them, persists accepted updates before counting them, closes rounds on
+"every registered device reported" or on the deadline (with a quorum), aggregates,
+evaluates, anchors the round on the ledger and publishes the next global model.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from fedcore import (
+    Message,
+    ModelHeader,
+    Params,
+    Signer,
+    TaskSpec,
+    Transport,
+    accuracy,
+    decode_envelope,
+    decode_tensors,
+    encode_model,
+    init_params,
+    iter_tensors,
+    model_hash,
+    model_payload,
+    model_topic,
+    presence_subscription,
+    update_subscription,
+)
+from fedcore._topics import PREFIX
+from ledger import LedgerBackend, leaf_hash, merkle_root
+
+from ._aggregate import FedAvgAccumulator
+from ._errors import GatewayError, Rejected
+from ._registry import DeviceRegistry
+from ._store import UpdateStore
+from ._validate import RoundContext, UpdateValidator
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class RoundResult:
+    """What a closed round produced; also the shape of the demo's per-round report."""
+
+    round: int
+    accuracy: float | None
+    participants: int
+    samples: int
+    bytes_received: int
+    rejected: int
+    rejected_by_reason: dict[str, int]
+    duration_s: float
+    model_hash: str
+    ledger_height: int | None
+
+
+@dataclass
+class GatewayStats:
+    """Lifetime counters (exported as metrics by the operations layer)."""
+
+    received: int = 0
+    accepted: int = 0
+    bytes_received: int = 0
+    rejected: Counter = field(default_factory=Counter)
+    rounds_closed: int = 0
+    online: set[str] = field(default_factory=set)
+
+
+@dataclass
+class _OpenRound:
+    round: int
+    base_hash: str
+    base_params: Params
+    opened_at: float
+    deadline: float
+    accumulator: FedAvgAccumulator
+    contributors: list[dict[str, Any]] = field(default_factory=list)
+    devices: set[str] = field(default_factory=set)
+    bytes_received: int = 0
+    rejected: Counter = field(default_factory=Counter)
+
+
+class Gateway:
+    def __init__(
+        self,
+        *,
+        task: TaskSpec,
+        transport: Transport,
+        store: UpdateStore,
+        ledger: LedgerBackend,
+        registry: DeviceRegistry,
+        signer: Signer,
+        evaluation: tuple[np.ndarray, np.ndarray] | None = None,
+        max_message_bytes: int,
+        clock: Callable[[], float] = time.time,
+        on_round: Callable[[RoundResult], None] | None = None,
+    ):
+        self.task = task
+        self.spec = task.model_spec()
+        self.transport = transport
+        self.store = store
+        self.ledger = ledger
+        self.registry = registry
+        self.evaluation = evaluation
+        self.stats = GatewayStats()
+        self.results: list[RoundResult] = []
+        self._signer = signer
+        self._clock = clock
+        self._on_round = on_round
+        self._validator = UpdateValidator(
+            task=task.id,
+            registry=registry,
+            shapes=self.spec.shapes(),
+            max_message_bytes=max_message_bytes,
+        )
+        self._counters: dict[str, int] = {}
+        self._open: _OpenRound | None = None
+        self._final_hash: str | None = None
+        self._presence_prefix = f"{PREFIX}/{task.id}/presence/"
+
+    # ------------------------------------------------------------------ lifecycle
+    @property
+    def finished(self) -> bool:
+        return self._final_hash is not None
+
+    @property
+    def current_round(self) -> int | None:
+        return None if self._open is None else self._open.round
+
+    def connect(self, timeout: float = 10.0) -> None:
+        self.transport.subscribe(update_subscription(self.task.id), 1)
+        self.transport.subscribe(presence_subscription(self.task.id), 1)
+        self.transport.start()
+        if not self.transport.wait_connected(timeout):
+            raise GatewayError(f"could not reach the broker within {timeout:.0f} s")
+
+    def wait_for_devices(self, timeout: float) -> int:
+        """Drain presence messages until every registered device is online or ``timeout``."""
+        end = time.monotonic() + timeout
+        while len(self.stats.online & set(self.registry)) < len(self.registry):
+            remaining = end - time.monotonic()
+            if remaining <= 0:
+                break
+            self._drain(min(remaining, 0.2))
+        return len(self.stats.online & set(self.registry))
+
+    def start(self) -> None:
+        """Resume the task from the store, or open its first round."""
+        self._counters = self.store.counters()
+        rows = self.store.rounds(self.task.id)
+        self._anchor_unledgered(rows)
+        if rows and rows[-1].status == "open":
+            row = rows[-1]
+            params = self._load_model(row.base_hash)
+            self._open_round(row.round, params, row.base_hash, resume=True)
+            return
+        if rows:
+            last = rows[-1]
+            assert last.new_hash is not None
+            params = self._load_model(last.new_hash)
+            next_round = last.round + 1
+            base_hash = last.new_hash
+        else:
+            params = init_params(self.spec)
+            base_hash = model_hash(params)
+            self.store.put_model(base_hash, 0, model_payload(params))
+            self.ledger.append([self._task_record(base_hash)])
+            next_round = 0
+        if next_round >= self.task.rounds:
+            self._publish_final(base_hash, params, next_round)
+        else:
+            self._open_round(next_round, params, base_hash)
+
+    def run(self, stop: threading.Event | None = None) -> list[RoundResult]:
+        """Serve until the task's last round is closed (or ``stop`` is set)."""
+        while not self.finished and not (stop is not None and stop.is_set()):
+            self.step(0.2)
+        return self.results
+
+    def step(self, timeout: float) -> None:
+        """Handle what arrives within ``timeout`` seconds, then close the round if due."""
+        self._drain(timeout)
+        self._maybe_close()
+
+    # ------------------------------------------------------------------ messages
+    def _drain(self, timeout: float) -> None:
+        try:
+            message = self.transport.messages.get(timeout=timeout)
+        except queue.Empty:
+            return
+        while True:
+            self._handle(message)
+            try:
+                message = self.transport.messages.get_nowait()
+            except queue.Empty:
+                return
+
+    def _handle(self, message: Message) -> None:
+        if message.topic.startswith(self._presence_prefix):
+            device = message.topic[len(self._presence_prefix) :]
+            if message.payload == b"online":
+                self.stats.online.add(device)
+            else:
+                self.stats.online.discard(device)
+            return
+        size = len(message.payload)
+        self.stats.received += 1
+        self.stats.bytes_received += size
+        current = self._open
+        if current is not None:
+            current.bytes_received += size
+        try:
+            if current is None:
+                raise Rejected("round_closed", "no round is open")
+            accepted = self._validator.check(
+                message.topic,
+                message.payload,
+                RoundContext(
+                    round=current.round,
+                    base=current.base_hash,
+                    has_update=current.devices.__contains__,
+                    last_counter=lambda d: self._counters.get(d, -1),
+                ),
+            )
+        except Rejected as exc:
+            self._reject(exc, size, current)
+            return
+        header = accepted.header
+        # Durable first: the update counts only once it is committed to the store.
+        self.store.put_update(
+            self.task.id,
+            header.round,
+            header.device,
+            digest=accepted.digest,
+            samples=header.samples,
+            counter=header.counter,
+            frame=accepted.frame,
+            received_at=self._clock(),
+        )
+        self._counters[header.device] = header.counter
+        self._count(current, header.device, accepted.digest, header.samples, accepted.views)
+        self.stats.accepted += 1
+
+    def _count(self, current: _OpenRound, device: str, digest: str, samples: int, views) -> None:
+        current.accumulator.add(views, samples)
+        current.devices.add(device)
+        current.contributors.append({"device": device, "update": digest, "samples": samples})
+
+    def _reject(self, exc: Rejected, size: int, current: _OpenRound | None) -> None:
+        self.stats.rejected[exc.reason] += 1
+        if current is not None:
+            current.rejected[exc.reason] += 1
+        log.info("rejected update from %s: %s", exc.device or "?", exc.reason)
+        self.store.put_rejection(
+            self.task.id,
+            None if current is None else current.round,
+            exc.device,
+            exc.reason,
+            size,
+            self._clock(),
+        )
+
+    # ------------------------------------------------------------------ rounds
+    def _open_round(
+        self, round_: int, params: Params, base_hash: str, *, resume: bool = False
+    ) -> None:
+        now = self._clock()
+        deadline = now + self.task.round_timeout
+        self.store.open_round(self.task.id, round_, base_hash, now, deadline)
+        current = _OpenRound(
+            round=round_,
+            base_hash=base_hash,
+            base_params=params,
+            opened_at=now,
+            deadline=deadline,
+            accumulator=FedAvgAccumulator(self.spec.shapes()),
+        )
+        if resume:
+            for stored in self.store.updates(self.task.id, round_):
+                views = list(self._stored_views(stored.frame))
+                self._count(current, stored.device, stored.digest, stored.samples, views)
+            log.info("resumed round %d with %d stored updates", round_, len(current.devices))
+        self._open = current
+        self._publish_model(round_, "open", deadline, params)
+
+    @staticmethod
+    def _stored_views(frame: bytes):
+        envelope = decode_envelope(frame, max_bytes=len(frame))
+        return iter_tensors(envelope.payload, max_elements=1 << 62)
+
+    def _maybe_close(self) -> None:
+        current = self._open
+        if current is None:
+            return
+        everyone = len(current.devices) >= len(self.registry)
+        if not everyone and self._clock() < current.deadline:
+            return
+        if len(current.devices) < self.task.quorum:
+            current.deadline = self._clock() + self.task.round_timeout
+            log.warning(
+                "round %d: %d of %d updates at the deadline, below quorum %d; extended",
+                current.round,
+                len(current.devices),
+                len(self.registry),
+                self.task.quorum,
+            )
+            self.store.open_round(
+                self.task.id, current.round, current.base_hash, current.opened_at, current.deadline
+            )
+            self._publish_model(current.round, "open", current.deadline, current.base_params)
+            return
+        self._close(current)
+
+    def _close(self, current: _OpenRound) -> None:
+        delta = current.accumulator.result()
+        params = {
+            k: (current.base_params[k] + delta[k]).astype(np.float32) for k in current.base_params
+        }
+        payload = model_payload(params)
+        new_hash = model_hash(params)
+        acc = None
+        if self.evaluation is not None:
+            acc = accuracy(self.spec, params, *self.evaluation)
+        closed_at = self._clock()
+        contributors = sorted(current.contributors, key=lambda c: c["device"])
+        record = {
+            "type": "round",
+            "task": self.task.id,
+            "round": current.round,
+            "base_model": current.base_hash,
+            "global_model": new_hash,
+            "aggregation": "fedavg",
+            "codec": self.task.codec,
+            "contributors": contributors,
+            "samples": current.accumulator.total_samples,
+            "updates_root": merkle_root(
+                leaf_hash(bytes.fromhex(c["update"])) for c in contributors
+            ).hex(),
+            "rejected": dict(sorted(current.rejected.items())),
+            "metrics": {} if acc is None else {"accuracy": round(acc, 6)},
+            "opened_at": round(current.opened_at, 6),
+            "closed_at": round(closed_at, 6),
+        }
+        self.store.close_round(self.task.id, current.round, new_hash, payload, record)
+        height = self._anchor(current.round, record)
+        self.stats.rounds_closed += 1
+        result = RoundResult(
+            round=current.round,
+            accuracy=acc,
+            participants=len(contributors),
+            samples=current.accumulator.total_samples,
+            bytes_received=current.bytes_received,
+            rejected=sum(current.rejected.values()),
+            rejected_by_reason=dict(current.rejected),
+            duration_s=closed_at - current.opened_at,
+            model_hash=new_hash,
+            ledger_height=height,
+        )
+        self.results.append(result)
+        log.info("round %d closed: %d updates, accuracy %s", current.round, len(contributors), acc)
+        self._open = None
+        if self._on_round is not None:
+            self._on_round(result)
+        if current.round + 1 >= self.task.rounds:
+            self._publish_final(new_hash, params, current.round + 1)
+        else:
+            self._open_round(current.round + 1, params, new_hash)
+
+    def _anchor(self, round_: int, record: dict[str, Any]) -> int | None:
+        """Append a round record to the ledger; a failure is retried at the next start."""
+        try:
+            block = self.ledger.append([record])
+        except Exception as exc:  # any backend failure must not lose the round
+            log.error("ledger append for round %d failed, will retry at restart: %s", round_, exc)
+            return None
+        self.store.mark_ledgered(self.task.id, round_, block.height)
+        return block.height
+
+    def _anchor_unledgered(self, rows) -> None:
+        for row in rows:
+            if row.status == "closed" and row.ledger_height is None and row.record is not None:
+                self._anchor(row.round, row.record)
+
+    def _task_record(self, initial_hash: str) -> dict[str, Any]:
+        return {
+            "type": "task",
+            "task": self.task.id,
+            "spec_hash": self.task.spec_hash(),
+            "model_spec_hash": self.spec.spec_hash(),
+            "aggregation": "fedavg",
+            "codec": self.task.codec,
+            "rounds": self.task.rounds,
+            "initial_model": initial_hash,
+            "devices": sorted(self.registry),
+        }
+
+    def _load_model(self, model_hash_: str) -> Params:
+        payload = self.store.get_model(model_hash_)
+        if payload is None:
+            raise GatewayError(f"model {model_hash_[:12]} is missing from the store")
+        return decode_tensors(payload)
+
+    def _publish_model(self, round_: int, status: str, deadline: float, params: Params) -> None:
+        payload = model_payload(params)
+        frame = encode_model(
+            ModelHeader(
+                task=self.task.id, round=round_, status=status, deadline=round(deadline, 3)
+            ),
+            payload,
+            self._signer,
+        )
+        self.transport.publish(model_topic(self.task.id), frame, qos=1, retain=True)
+
+    def _publish_final(self, final_hash: str, params: Params, round_: int) -> None:
+        self._final_hash = final_hash
+        self._publish_model(round_, "final", self._clock(), params)
+
+    @property
+    def final_model(self) -> str | None:
+        return self._final_hash
+
+    def close(self) -> None:
+        """Leave the broker and close the store and the ledger."""
+        self.transport.stop()
+        self.store.close()
+        self.ledger.close()

@@ -1,0 +1,250 @@
+"""The gateway's durable store (SQLite, WAL): models, rounds, accepted updates, rejections.
+
+An update counts only once its row is committed here, so a gateway killed at any point
+restarts with every accepted update and none twice (the primary key forbids it).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ._errors import GatewayError
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS models (
+    hash    TEXT PRIMARY KEY,
+    round   INTEGER NOT NULL,
+    payload BLOB NOT NULL
+);
+CREATE TABLE IF NOT EXISTS rounds (
+    task          TEXT NOT NULL,
+    round         INTEGER NOT NULL,
+    base_hash     TEXT NOT NULL,
+    opened_at     REAL NOT NULL,
+    deadline      REAL NOT NULL,
+    status        TEXT NOT NULL CHECK (status IN ('open', 'closed')),
+    new_hash      TEXT,
+    record        TEXT,
+    ledger_height INTEGER,
+    PRIMARY KEY (task, round)
+);
+CREATE TABLE IF NOT EXISTS updates (
+    task        TEXT NOT NULL,
+    round       INTEGER NOT NULL,
+    device      TEXT NOT NULL,
+    digest      TEXT NOT NULL,
+    samples     INTEGER NOT NULL,
+    counter     INTEGER NOT NULL,
+    size        INTEGER NOT NULL,
+    frame       BLOB NOT NULL,
+    received_at REAL NOT NULL,
+    PRIMARY KEY (task, round, device)
+);
+CREATE TABLE IF NOT EXISTS counters (
+    device  TEXT PRIMARY KEY,
+    counter INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS rejections (
+    id          INTEGER PRIMARY KEY,
+    task        TEXT,
+    round       INTEGER,
+    device      TEXT,
+    reason      TEXT NOT NULL,
+    size        INTEGER NOT NULL,
+    received_at REAL NOT NULL
+);
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class RoundRow:
+    task: str
+    round: int
+    base_hash: str
+    opened_at: float
+    deadline: float
+    status: str
+    new_hash: str | None
+    record: dict[str, Any] | None
+    ledger_height: int | None
+
+
+@dataclass(frozen=True, slots=True)
+class StoredUpdate:
+    device: str
+    digest: str
+    samples: int
+    counter: int
+    size: int
+    frame: bytes
+
+
+class UpdateStore:
+    def __init__(self, path: str | os.PathLike[str], *, synchronous: str = "FULL"):
+        self.path = Path(path)
+        self._lock = threading.Lock()
+        try:
+            self._db = sqlite3.connect(
+                str(self.path), isolation_level=None, check_same_thread=False
+            )
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute(f"PRAGMA synchronous={synchronous}")
+            self._db.executescript(_SCHEMA)
+        except sqlite3.Error as exc:
+            raise GatewayError(f"cannot open update store {self.path}: {exc}") from None
+
+    def _write(self, statements: list[tuple[str, tuple]]) -> None:
+        with self._lock:
+            try:
+                self._db.execute("BEGIN IMMEDIATE")
+                for sql, args in statements:
+                    self._db.execute(sql, args)
+                self._db.execute("COMMIT")
+            except sqlite3.Error as exc:
+                if self._db.in_transaction:
+                    self._db.execute("ROLLBACK")
+                raise GatewayError(f"update store {self.path}: {exc}") from None
+
+    # models
+    def put_model(self, model_hash: str, round_: int, payload: bytes) -> None:
+        self._write(
+            [("INSERT OR IGNORE INTO models VALUES (?, ?, ?)", (model_hash, round_, payload))]
+        )
+
+    def get_model(self, model_hash: str) -> bytes | None:
+        row = self._db.execute(
+            "SELECT payload FROM models WHERE hash = ?", (model_hash,)
+        ).fetchone()
+        return None if row is None else bytes(row[0])
+
+    # rounds
+    def open_round(
+        self, task: str, round_: int, base_hash: str, opened_at: float, deadline: float
+    ) -> None:
+        self._write(
+            [
+                (
+                    "INSERT INTO rounds (task, round, base_hash, opened_at, deadline, status)"
+                    " VALUES (?, ?, ?, ?, ?, 'open') ON CONFLICT (task, round)"
+                    " DO UPDATE SET deadline = excluded.deadline",
+                    (task, round_, base_hash, opened_at, deadline),
+                )
+            ]
+        )
+
+    def close_round(
+        self, task: str, round_: int, new_hash: str, payload: bytes, record: dict[str, Any]
+    ) -> None:
+        """Store the new model and close the round in one transaction."""
+        self._write(
+            [
+                ("INSERT OR IGNORE INTO models VALUES (?, ?, ?)", (new_hash, round_ + 1, payload)),
+                (
+                    "UPDATE rounds SET status = 'closed', new_hash = ?, record = ?"
+                    " WHERE task = ? AND round = ?",
+                    (new_hash, json.dumps(record, sort_keys=True), task, round_),
+                ),
+            ]
+        )
+
+    def mark_ledgered(self, task: str, round_: int, height: int) -> None:
+        self._write(
+            [
+                (
+                    "UPDATE rounds SET ledger_height = ? WHERE task = ? AND round = ?",
+                    (height, task, round_),
+                )
+            ]
+        )
+
+    def rounds(self, task: str) -> list[RoundRow]:
+        rows = self._db.execute(
+            "SELECT task, round, base_hash, opened_at, deadline, status, new_hash, record,"
+            " ledger_height FROM rounds WHERE task = ? ORDER BY round",
+            (task,),
+        ).fetchall()
+        return [RoundRow(*r[:7], json.loads(r[7]) if r[7] else None, r[8]) for r in rows]
+
+    # updates
+    def put_update(
+        self,
+        task: str,
+        round_: int,
+        device: str,
+        *,
+        digest: str,
+        samples: int,
+        counter: int,
+        frame: bytes,
+        received_at: float,
+    ) -> None:
+        """Durably record an accepted update and advance the device's counter."""
+        self._write(
+            [
+                (
+                    "INSERT INTO updates VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    (
+                        task,
+                        round_,
+                        device,
+                        digest,
+                        samples,
+                        counter,
+                        len(frame),
+                        frame,
+                        received_at,
+                    ),
+                ),
+                (
+                    "INSERT INTO counters VALUES (?, ?) ON CONFLICT (device)"
+                    " DO UPDATE SET counter = MAX(counter, excluded.counter)",
+                    (device, counter),
+                ),
+            ]
+        )
+
+    def updates(self, task: str, round_: int) -> list[StoredUpdate]:
+        rows = self._db.execute(
+            "SELECT device, digest, samples, counter, size, frame FROM updates"
+            " WHERE task = ? AND round = ? ORDER BY received_at, device",
+            (task, round_),
+        ).fetchall()
+        return [StoredUpdate(r[0], r[1], r[2], r[3], r[4], bytes(r[5])) for r in rows]
+
+    def counters(self) -> dict[str, int]:
+        return dict(self._db.execute("SELECT device, counter FROM counters").fetchall())
+
+    # rejections
+    def put_rejection(
+        self,
+        task: str | None,
+        round_: int | None,
+        device: str | None,
+        reason: str,
+        size: int,
+        at: float,
+    ) -> None:
+        self._write(
+            [
+                (
+                    "INSERT INTO rejections (task, round, device, reason, size, received_at)"
+                    " VALUES (?, ?, ?, ?, ?, ?)",
+                    (task, round_, device, reason, size, at),
+                )
+            ]
+        )
+
+    def rejection_counts(self, task: str) -> dict[str, int]:
+        rows = self._db.execute(
+            "SELECT reason, COUNT(*) FROM rejections WHERE task = ? GROUP BY reason", (task,)
+        ).fetchall()
+        return dict(rows)
+
+    def close(self) -> None:
+        self._db.close()
