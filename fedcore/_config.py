@@ -56,15 +56,25 @@ def validate_config(
     try:
         return model.model_validate(data, context={"base_dir": base_dir or Path.cwd()})
     except ValidationError as exc:
-        first = exc.errors()[0]
-        key = ".".join(str(part) for part in first["loc"]) or None
-        message = first["msg"]
-        if first["type"] == "extra_forbidden":
-            allowed = _allowed_keys(model, first["loc"][:-1])
-            message = f"unknown key (allowed: {', '.join(allowed)})"
-        elif first["type"] == "missing":
-            message = "required key is missing"
+        # Unknown keys and wrong values first: a misspelt key also shows up as "missing".
+        errors = sorted(exc.errors(), key=lambda e: e["type"] == "missing")
+        described = [_describe(e, model) for e in errors]
+        key, message = described[0]
+        if len(described) > 1:
+            others = "; ".join(f"{k}: {m}" for k, m in described[1:4])
+            message += f" (also {others})"
         raise ConfigError(message, file=file, key=key) from None
+
+
+def _describe(error: Any, model: type[BaseModel]) -> tuple[str | None, str]:
+    key = ".".join(str(part) for part in error["loc"]) or None
+    message = error["msg"]
+    if error["type"] == "extra_forbidden":
+        allowed = _allowed_keys(model, error["loc"][:-1])
+        message = f"unknown key (allowed: {', '.join(allowed)})"
+    elif error["type"] == "missing":
+        message = "required key is missing"
+    return key, message
 
 
 def _allowed_keys(model: type[BaseModel], loc: tuple) -> list[str]:

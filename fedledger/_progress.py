@@ -113,4 +113,4 @@ class RoundTable:
             f"  check it yourself:    fedledger ledger verify --db {report['ledger_path']}"
         )
         for line in lines:
-            self.console.print(line, highlight=False)
+            self.console.print(line, highlight=False, soft_wrap=True)

@@ -217,7 +217,8 @@ def ledger_verify(
         console.print(f"[green]ok[/]: {report.blocks} blocks, {report.records} records verified")
     else:
         err.print(
-            f"[red]ledger inconsistent[/] at block {report.first_bad_height}: {report.problem}"
+            f"[red]ledger inconsistent[/] at block {report.first_bad_height}: {report.problem}",
+            soft_wrap=True,
         )
     if not report.ok:
         raise typer.Exit(1)
@@ -270,7 +271,7 @@ def main() -> None:
     try:
         app()
     except FedledgerError as exc:
-        err.print(f"[red]error:[/] {exc}", highlight=False)
+        err.print(f"[red]error:[/] {exc}", highlight=False, soft_wrap=True)
         sys.exit(2)
     except KeyboardInterrupt:
         err.print("interrupted")

@@ -1,0 +1,62 @@
+"""The benchmarks run end to end at small sizes and report sane figures (no timing asserts)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from bench import aggregate, ingest
+
+
+def _positive_finite(result: dict, keys: list[str]) -> None:
+    for key in keys:
+        value = result[key]
+        assert isinstance(value, (int, float)), key
+        assert math.isfinite(value) and value > 0, (key, value)
+
+
+def test_aggregate_small():
+    result = aggregate.run(devices=5, params=2000, repeats=1)
+    assert result["bench"] == "aggregate"
+    assert result["devices"] == 5
+    assert result["params"] == 2000
+    assert result["repeats"] == 1
+    _positive_finite(
+        result,
+        [
+            "floor_s",
+            "floor_gb_per_s",
+            "fedavg_f32_s",
+            "fedavg_int8_s",
+            "ratio_f32_to_floor",
+            "ratio_int8_to_floor",
+        ],
+    )
+    for key in ("max_abs_error_f32", "max_abs_error_int8"):
+        assert math.isfinite(result[key]) and result[key] >= 0, key
+    # float32 accumulation of 5 updates of size ~0.01: far below 1e-6 of the float64 mean.
+    assert result["max_abs_error_f32"] < 1e-6
+    # int8: at most half a quantization step (peak / 127 / 2) per update, averaged.
+    assert result["max_abs_error_int8"] < 1e-3
+
+
+@pytest.mark.mqtt
+def test_ingest_small():
+    result = ingest.run(messages=50, size=2048)
+    assert result["bench"] == "ingest"
+    assert result["messages"] == 50
+    assert abs(result["message_bytes"] - 2048) <= 16
+    _positive_finite(
+        result,
+        [
+            "mosquitto_msgs_per_s",
+            "gateway_msgs_per_s",
+            "ratio_gateway_to_mosquitto",
+            "mosquitto_s",
+            "gateway_s",
+        ],
+    )
+    assert result["delivered"] == 50
+    assert result["accepted"] == 50
+    assert result["rejected"] == {}

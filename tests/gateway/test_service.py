@@ -1,0 +1,158 @@
+"""The gateway's round logic over the in-memory transport (fast, deterministic)."""
+
+import numpy as np
+import pytest
+
+from edge_agent import EdgeAgent
+from fedcore import InMemoryBroker, decode_envelope, model_topic, signer_from_key, update_topic
+from gateway import Gateway, UpdateStore
+from ledger import EmbeddedLedger
+
+
+class Clock:
+    def __init__(self):
+        self.now = 1_000.0
+
+    def __call__(self):
+        return self.now
+
+
+def make_gateway(tmp_path, task, registry, gateway_key, dataset, broker, clock):
+    from fedcore import public_key_b64
+
+    return Gateway(
+        task=task,
+        transport=broker.transport(),
+        store=UpdateStore(tmp_path / "store.sqlite"),
+        ledger=EmbeddedLedger(
+            tmp_path / "ledger.sqlite", signer=signer_from_key(gateway_key), public_key=public_key_b64(gateway_key)
+        ),
+        registry=registry,
+        signer=signer_from_key(gateway_key),
+        evaluation=(dataset.x_test, dataset.y_test),
+        max_message_bytes=1 << 20,
+        clock=clock,
+    )
+
+
+def make_agents(task, device_keys, gateway_key, dataset, broker):
+    agents = []
+    for i, (device, key) in enumerate(device_keys.items()):
+        idx = np.arange(i, len(dataset.y_train), len(device_keys))
+        agent = EdgeAgent(
+            device=device,
+            task=task,
+            transport=broker.transport(),
+            signer=signer_from_key(key),
+            gateway_key=gateway_key.public_key(),
+            data=(dataset.x_train[idx], dataset.y_train[idx]),
+        )
+        agent.start()
+        agents.append(agent)
+    return agents
+
+
+def pump(gateway, agents, steps=1):
+    for _ in range(steps):
+        for agent in agents:
+            agent.step(0)
+        gateway.step(0)
+
+
+@pytest.fixture
+def world(tmp_path, task, registry, gateway_key, dataset, device_keys):
+    broker = InMemoryBroker()
+    clock = Clock()
+    gateway = make_gateway(tmp_path, task, registry, gateway_key, dataset, broker, clock)
+    agents = make_agents(task, device_keys, gateway_key, dataset, broker)
+    gateway.connect()
+    return broker, clock, gateway, agents
+
+
+def test_all_rounds_close_and_are_anchored(world, task):
+    broker, clock, gateway, agents = world
+    gateway.start()
+    for _ in range(10):
+        pump(gateway, agents)
+    assert gateway.finished
+    assert [r.round for r in gateway.results] == [0, 1, 2]
+    assert all(r.participants == 5 for r in gateway.results)
+    assert gateway.results[-1].accuracy > 0.9
+    assert all(a.final_model == gateway.final_model for a in agents)
+    rounds = gateway.ledger.records("round")
+    assert [r["round"] for r in rounds] == [0, 1, 2]
+    assert rounds[1]["base_model"] == rounds[0]["global_model"]
+    assert gateway.ledger.verify().ok
+
+
+def test_deadline_closes_a_round_with_the_updates_that_arrived(world):
+    broker, clock, gateway, agents = world
+    gateway.start()
+    pump(gateway, agents[:3])  # two devices stay silent
+    assert gateway.results == []
+    clock.now += 21  # past round_timeout
+    gateway.step(0)
+    assert gateway.results[0].participants == 3
+
+
+def test_deadline_below_quorum_extends_the_round(world):
+    broker, clock, gateway, agents = world
+    gateway.start()
+    clock.now += 21
+    gateway.step(0)
+    assert gateway.results == [] and gateway.current_round == 0
+    pump(gateway, agents)
+    assert gateway.results[0].participants == 5
+
+
+def test_restart_resumes_the_open_round_without_double_counting(
+    tmp_path, task, registry, gateway_key, dataset, device_keys
+):
+    broker = InMemoryBroker()
+    clock = Clock()
+    first = make_gateway(tmp_path, task, registry, gateway_key, dataset, broker, clock)
+    agents = make_agents(task, device_keys, gateway_key, dataset, broker)
+    first.connect()
+    first.start()
+    pump(first, agents[:3])
+    assert first.current_round == 0 and first.results == []
+    first.transport.stop()  # the process dies: nothing but the store survives
+    first.store.close()
+    first.ledger.close()
+
+    second = make_gateway(tmp_path, task, registry, gateway_key, dataset, broker, clock)
+    second.connect()
+    second.start()
+    # a replay of an already-stored update is refused, not counted twice
+    stored = second.store.updates(task.id, 0)
+    assert len(stored) == 3
+    second.transport.publish(update_topic(task.id, stored[0].device), stored[0].frame)
+    second.step(0)
+    assert second.stats.rejected["replayed"] == 1
+    pump(second, agents[3:])
+    assert second.results[0].participants == 5
+    assert second.results[0].samples == sum(len(a.y) for a in agents)
+
+
+def test_republished_model_is_not_trained_twice(world, task):
+    broker, clock, gateway, agents = world
+    gateway.start()
+    pump(gateway, agents[:1])
+    sent = agents[0].bytes_sent
+    # the retained model arrives again (e.g. after a reconnect)
+    agents[0].transport.subscribe(model_topic(task.id))
+    agents[0].step(0)
+    assert agents[0].bytes_sent == sent
+
+
+def test_final_model_message_is_signed_by_the_gateway(world, task, gateway_key):
+    broker, clock, gateway, agents = world
+    gateway.start()
+    for _ in range(10):
+        pump(gateway, agents)
+    probe = broker.transport()
+    probe.subscribe(model_topic(task.id))
+    probe.start()
+    env = decode_envelope(probe.messages.get_nowait().payload)
+    assert env.header.status == "final"
+    gateway_key.public_key().verify(env.signature, env.signed)

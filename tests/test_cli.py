@@ -1,0 +1,120 @@
+"""The command line as a user meets it: real subprocesses, real exit codes, no tracebacks."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+FEDLEDGER = [sys.executable, "-m", "fedledger"]
+
+
+def run(*args, cwd=None, timeout=120):
+    return subprocess.run([*FEDLEDGER, *args], capture_output=True, text=True, cwd=cwd, timeout=timeout)
+
+
+@pytest.mark.mqtt
+def test_demo_writes_report_plot_and_a_verifiable_ledger(tmp_path, mosquitto):
+    report_path = tmp_path / "out" / "report.json"
+    done = run(
+        "demo", "--devices", "3", "--rounds", "2", "--seed", "1", "--epochs", "2",
+        "--json", str(report_path), "--workdir", str(tmp_path / "work"), cwd=tmp_path,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr + done.stdout
+    report = json.loads(report_path.read_text())
+    assert [r["round"] for r in report["rounds"]] == [0, 1]
+    for r in report["rounds"]:
+        assert r["participants"] == 3 and r["rejected"] == 0 and r["bytes_received"] > 0
+        assert 0.5 < r["accuracy"] <= 1.0
+    assert report["ledger_verified"] is True
+    assert 0.5 < report["centralized_accuracy"] <= 1.0
+    assert report["final_accuracy"] == report["rounds"][-1]["accuracy"]
+    assert (tmp_path / "out" / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "ledger" in done.stdout and "verified" in done.stdout
+    verify = run("ledger", "verify", "--db", report["ledger_path"], "--json")
+    assert verify.returncode == 0
+    assert json.loads(verify.stdout)["blocks"] == 4
+    # every agent ran as its own process and logged its rounds
+    logs = sorted((tmp_path / "work" / "logs").glob("*.log"))
+    assert len(logs) == 3
+    assert all("sent" in log.read_text() for log in logs)
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["--help"],
+        ["demo", "--help"],
+        ["agent", "run", "--help"],
+        ["gateway", "run", "--help"],
+        ["ledger", "verify", "--help"],
+        ["bench", "aggregate", "--help"],
+        ["bench", "ingest", "--help"],
+    ],
+)
+def test_help_explains_every_command(args):
+    done = run(*args)
+    assert done.returncode == 0
+    assert "Usage" in done.stdout and len(done.stdout) > 200
+
+
+def test_version():
+    assert run("--version").stdout.strip() == "fedledger 0.1.0"
+
+
+def test_missing_config_names_the_file(tmp_path):
+    done = run("agent", "run", "--config", str(tmp_path / "nope.toml"))
+    assert done.returncode == 2
+    assert "nope.toml: file not found" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+@pytest.mark.parametrize(
+    ("body", "expected"),
+    [
+        ("[agent]\ndevice = 'd'\n", "agent.key: required key is missing"),
+        ("[agent]\nbogus = 1\n", "agent.bogus: unknown key (allowed: data, device,"),
+        ("[broker]\nport = 'x'\n", "broker.port: Input should be a valid integer"),
+        ("[broker\n", "not valid TOML"),
+    ],
+)
+def test_bad_agent_config_names_file_and_key(tmp_path, body, expected):
+    path = tmp_path / "agent.toml"
+    path.write_text(body)
+    done = run("agent", "run", "--config", str(path))
+    assert done.returncode == 2
+    assert f"{path}: " in done.stderr and expected in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def test_unreadable_key_in_gateway_config(tmp_path):
+    (tmp_path / "task.toml").write_text("id = 't'\n[model]\nkind = 'logreg'\nn_features = 3\nn_classes = 2\n")
+    (tmp_path / "registry.json").write_text('{"devices": {}}')
+    (tmp_path / "gw.pem").write_text("not a key")
+    (tmp_path / "gateway.toml").write_text(
+        "[gateway]\nkey = 'gw.pem'\ntask = 'task.toml'\nregistry = 'registry.json'\n"
+        "store = 's.sqlite'\nledger = 'l.sqlite'\n"
+    )
+    done = run("gateway", "run", "--config", str(tmp_path / "gateway.toml"))
+    assert done.returncode == 2
+    assert "gw.pem: not an unencrypted PEM private key" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def test_bad_task_value_names_the_task_file(tmp_path):
+    (tmp_path / "task.toml").write_text("id = 't'\n[model]\nkind = 'cnn'\nn_features = 3\nn_classes = 2\n")
+    (tmp_path / "a.toml").write_text(
+        "[agent]\ndevice = 'd'\nkey = 'k.pem'\ntask = 'task.toml'\ndata = 'd.npz'\n"
+        "gateway_public_key = 'x'\nstate = 's.json'\n"
+    )
+    done = run("agent", "run", "--config", str(tmp_path / "a.toml"))
+    assert done.returncode == 2
+    assert "task.toml: model.kind: Input should be 'logreg' or 'mlp'" in done.stderr
+
+
+def test_verify_of_a_missing_ledger_is_a_clear_error(tmp_path):
+    done = run("ledger", "verify", "--db", str(tmp_path / "none.sqlite"))
+    assert done.returncode == 2
+    assert "no ledger at" in done.stderr and "Traceback" not in done.stderr

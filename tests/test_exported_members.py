@@ -1,0 +1,42 @@
+"""Pin each package's public surface: a change here is an API change, made on purpose."""
+
+import subprocess
+import sys
+
+import pytest
+
+import edge_agent
+import fedcore
+import gateway
+import ledger
+
+
+@pytest.mark.parametrize("module", [fedcore, edge_agent, gateway, ledger])
+def test_all_is_sorted_and_complete(module):
+    names = module.__all__
+    assert names == sorted(names, key=lambda n: (not n.isupper(), not n[0].isupper(), n))
+    public = {n for n in dir(module) if not n.startswith("_")}
+    submodules = {n for n in public if type(getattr(module, n)).__name__ == "module"}
+    assert set(names) == public - submodules
+
+
+def test_surfaces():
+    assert set(edge_agent.__all__) == {
+        "AgentConfig", "AgentError", "AgentSection", "AgentState", "EdgeAgent", "load_agent_config", "open_agent",
+    }  # fmt: skip
+    assert set(ledger.__all__) == {
+        "BlockInfo", "ChainError", "EmbeddedLedger", "LedgerBackend", "LedgerError", "VerifyReport",
+        "leaf_hash", "merkle_root",
+    }  # fmt: skip
+    assert {"Gateway", "UpdateValidator", "FedAvgAccumulator", "fedavg", "REJECT_REASONS"} <= set(gateway.__all__)
+    assert {"encode_update", "decode_envelope", "ModelSpec", "MqttTransport"} <= set(fedcore.__all__)
+
+
+def test_edge_agent_imports_no_server_code():
+    code = (
+        "import sys, edge_agent, fedledger.cli;"
+        "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('gateway', 'ledger', 'sklearn', 'matplotlib'));"
+        "print(','.join(bad))"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == ""

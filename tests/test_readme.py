@@ -1,0 +1,34 @@
+"""README's promises: the two commands, and every command line it shows exists."""
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+README = (Path(__file__).parents[1] / "README.md").read_text()
+
+
+def test_readme_opens_with_the_two_commands():
+    first_block = README[README.index("    make demo") :].splitlines()[:2]
+    assert first_block[0].split()[:2] == ["make", "demo"]
+    assert first_block[1].split()[:2] == ["make", "test"]
+
+
+def test_every_fedledger_command_in_the_readme_exists():
+    commands = set()
+    for line in README.splitlines():
+        match = re.match(r"^\s{4}fedledger ((?:[a-z]+ ?)+)", line)
+        if match:
+            commands.add(tuple(w for w in match.group(1).split() if w))
+    assert {("demo",), ("ledger", "verify"), ("gateway", "run"), ("agent", "run")} <= commands
+    for words in commands:
+        done = subprocess.run(
+            [sys.executable, "-m", "fedledger", *words, "--help"], capture_output=True, text=True
+        )
+        assert done.returncode == 0, (words, done.stderr)
+
+
+def test_makefile_targets_named_in_readme_exist():
+    makefile = (Path(__file__).parents[1] / "Makefile").read_text()
+    for target in ("demo", "test", "bench", "lint"):
+        assert re.search(rf"^{target}:", makefile, re.M), target
