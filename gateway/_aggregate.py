@@ -43,8 +43,9 @@ class FedAvgAccumulator:
     def add(self, views: Sequence[TensorView], n_samples: int) -> None:
         for view in views:
             scratch = self._scratch[view.name]
-            coef = np.float32(view.scale * n_samples)
-            np.multiply(view.data.reshape(scratch.shape), coef, out=scratch, casting="unsafe")
+            # Widen into the scratch buffer, scale in place, add: no temporaries.
+            np.copyto(scratch, view.data.reshape(scratch.shape), casting="unsafe")
+            scratch *= np.float32(view.scale * n_samples)
             self._sums[view.name] += scratch
         self.total_samples += n_samples
         self.count += 1

@@ -44,10 +44,13 @@ from ledger import LedgerBackend, leaf_hash, merkle_root
 from ._aggregate import FedAvgAccumulator
 from ._errors import GatewayError, Rejected
 from ._registry import DeviceRegistry
-from ._store import UpdateStore
-from ._validate import RoundContext, UpdateValidator
+from ._store import PendingRejection, PendingUpdate, UpdateStore
+from ._validate import AcceptedUpdate, RoundContext, UpdateValidator
 
 log = logging.getLogger(__name__)
+
+#: Messages handled per store transaction (group commit).
+_BATCH = 256
 
 
 @dataclass(frozen=True)
@@ -126,6 +129,9 @@ class Gateway:
             max_message_bytes=max_message_bytes,
         )
         self._counters: dict[str, int] = {}
+        self._pending: list[AcceptedUpdate] = []
+        self._pending_devices: set[str] = set()
+        self._pending_rejections: list[PendingRejection] = []
         self._open: _OpenRound | None = None
         self._final_hash: str | None = None
         self._presence_prefix = f"{PREFIX}/{task.id}/presence/"
@@ -196,16 +202,23 @@ class Gateway:
 
     # ------------------------------------------------------------------ messages
     def _drain(self, timeout: float) -> None:
+        """Handle what is queued (waiting up to ``timeout`` for the first message), committing
+        accepted updates and rejections in batches: one transaction per batch."""
         try:
             message = self.transport.messages.get(timeout=timeout)
         except queue.Empty:
             return
-        while True:
-            self._handle(message)
-            try:
-                message = self.transport.messages.get_nowait()
-            except queue.Empty:
-                return
+        try:
+            for _ in range(_BATCH):
+                self._handle(message)
+                try:
+                    message = self.transport.messages.get_nowait()
+                except queue.Empty:
+                    break
+            else:
+                self._handle(message)
+        finally:
+            self._flush()
 
     def _handle(self, message: Message) -> None:
         if message.topic.startswith(self._presence_prefix):
@@ -230,7 +243,7 @@ class Gateway:
                 RoundContext(
                     round=current.round,
                     base=current.base_hash,
-                    has_update=current.devices.__contains__,
+                    has_update=self._has_update,
                     last_counter=lambda d: self._counters.get(d, -1),
                 ),
             )
@@ -238,20 +251,44 @@ class Gateway:
             self._reject(exc, size, current)
             return
         header = accepted.header
-        # Durable first: the update counts only once it is committed to the store.
-        self.store.put_update(
-            self.task.id,
-            header.round,
-            header.device,
-            digest=accepted.digest,
-            samples=header.samples,
-            counter=header.counter,
-            frame=accepted.frame,
-            received_at=self._clock(),
-        )
         self._counters[header.device] = header.counter
-        self._count(current, header.device, accepted.digest, header.samples, accepted.views)
-        self.stats.accepted += 1
+        self._pending.append(accepted)
+        self._pending_devices.add(header.device)
+
+    def _has_update(self, device: str) -> bool:
+        current = self._open
+        return device in self._pending_devices or (
+            current is not None and device in current.devices
+        )
+
+    def _flush(self) -> None:
+        """Durable first: accepted updates count only once their batch is committed."""
+        if not self._pending and not self._pending_rejections:
+            return
+        now = self._clock()
+        batch = [
+            PendingUpdate(
+                task=self.task.id,
+                round=a.header.round,
+                device=a.header.device,
+                digest=a.digest,
+                samples=a.header.samples,
+                counter=a.header.counter,
+                frame=a.frame,
+                received_at=now,
+            )
+            for a in self._pending
+        ]
+        self.store.write_batch(batch, self._pending_rejections)
+        current = self._open
+        assert current is not None or not self._pending
+        for accepted in self._pending:
+            h = accepted.header
+            self._count(current, h.device, accepted.digest, h.samples, accepted.views)
+            self.stats.accepted += 1
+        self._pending = []
+        self._pending_devices = set()
+        self._pending_rejections = []
 
     def _count(self, current: _OpenRound, device: str, digest: str, samples: int, views) -> None:
         current.accumulator.add(views, samples)
@@ -263,13 +300,15 @@ class Gateway:
         if current is not None:
             current.rejected[exc.reason] += 1
         log.info("rejected update from %s: %s", exc.device or "?", exc.reason)
-        self.store.put_rejection(
-            self.task.id,
-            None if current is None else current.round,
-            exc.device,
-            exc.reason,
-            size,
-            self._clock(),
+        self._pending_rejections.append(
+            PendingRejection(
+                task=self.task.id,
+                round=None if current is None else current.round,
+                device=exc.device,
+                reason=exc.reason,
+                size=size,
+                received_at=self._clock(),
+            )
         )
 
     # ------------------------------------------------------------------ rounds

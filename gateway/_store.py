@@ -76,6 +76,28 @@ class RoundRow:
 
 
 @dataclass(frozen=True, slots=True)
+class PendingUpdate:
+    task: str
+    round: int
+    device: str
+    digest: str
+    samples: int
+    counter: int
+    frame: bytes
+    received_at: float
+
+
+@dataclass(frozen=True, slots=True)
+class PendingRejection:
+    task: str
+    round: int | None
+    device: str | None
+    reason: str
+    size: int
+    received_at: float
+
+
+@dataclass(frozen=True, slots=True)
 class StoredUpdate:
     device: str
     digest: str
@@ -171,43 +193,38 @@ class UpdateStore:
         ).fetchall()
         return [RoundRow(*r[:7], json.loads(r[7]) if r[7] else None, r[8]) for r in rows]
 
-    # updates
-    def put_update(
-        self,
-        task: str,
-        round_: int,
-        device: str,
-        *,
-        digest: str,
-        samples: int,
-        counter: int,
-        frame: bytes,
-        received_at: float,
-    ) -> None:
-        """Durably record an accepted update and advance the device's counter."""
-        self._write(
-            [
+    # updates and rejections
+    def write_batch(self, updates: list[PendingUpdate], rejections: list[PendingRejection]) -> None:
+        """Commit accepted updates (advancing device counters) and rejections at once.
+
+        One transaction, one fsync for the batch: updates count only after this returns.
+        """
+        statements: list[tuple[str, tuple]] = []
+        for u in updates:
+            row = (u.task, u.round, u.device, u.digest, u.samples, u.counter)
+            statements.append(
                 (
                     "INSERT INTO updates VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                    (
-                        task,
-                        round_,
-                        device,
-                        digest,
-                        samples,
-                        counter,
-                        len(frame),
-                        frame,
-                        received_at,
-                    ),
-                ),
+                    (*row, len(u.frame), u.frame, u.received_at),
+                )
+            )
+            statements.append(
                 (
                     "INSERT INTO counters VALUES (?, ?) ON CONFLICT (device)"
                     " DO UPDATE SET counter = MAX(counter, excluded.counter)",
-                    (device, counter),
-                ),
-            ]
-        )
+                    (u.device, u.counter),
+                )
+            )
+        for r in rejections:
+            statements.append(
+                (
+                    "INSERT INTO rejections (task, round, device, reason, size, received_at)"
+                    " VALUES (?, ?, ?, ?, ?, ?)",
+                    (r.task, r.round, r.device, r.reason, r.size, r.received_at),
+                )
+            )
+        if statements:
+            self._write(statements)
 
     def updates(self, task: str, round_: int) -> list[StoredUpdate]:
         rows = self._db.execute(
@@ -221,25 +238,6 @@ class UpdateStore:
         return dict(self._db.execute("SELECT device, counter FROM counters").fetchall())
 
     # rejections
-    def put_rejection(
-        self,
-        task: str | None,
-        round_: int | None,
-        device: str | None,
-        reason: str,
-        size: int,
-        at: float,
-    ) -> None:
-        self._write(
-            [
-                (
-                    "INSERT INTO rejections (task, round, device, reason, size, received_at)"
-                    " VALUES (?, ?, ?, ?, ?, ?)",
-                    (task, round_, device, reason, size, at),
-                )
-            ]
-        )
-
     def rejection_counts(self, task: str) -> dict[str, int]:
         rows = self._db.execute(
             "SELECT reason, COUNT(*) FROM rejections WHERE task = ? GROUP BY reason", (task,)

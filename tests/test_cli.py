@@ -12,7 +12,9 @@ FEDLEDGER = [sys.executable, "-m", "fedledger"]
 
 
 def run(*args, cwd=None, timeout=120):
-    return subprocess.run([*FEDLEDGER, *args], capture_output=True, text=True, cwd=cwd, timeout=timeout)
+    return subprocess.run(
+        [*FEDLEDGER, *args], capture_output=True, text=True, cwd=cwd, timeout=timeout
+    )
 
 
 @pytest.mark.mqtt
@@ -90,7 +92,9 @@ def test_bad_agent_config_names_file_and_key(tmp_path, body, expected):
 
 
 def test_unreadable_key_in_gateway_config(tmp_path):
-    (tmp_path / "task.toml").write_text("id = 't'\n[model]\nkind = 'logreg'\nn_features = 3\nn_classes = 2\n")
+    (tmp_path / "task.toml").write_text(
+        "id = 't'\n[model]\nkind = 'logreg'\nn_features = 3\nn_classes = 2\n"
+    )
     (tmp_path / "registry.json").write_text('{"devices": {}}')
     (tmp_path / "gw.pem").write_text("not a key")
     (tmp_path / "gateway.toml").write_text(
@@ -104,7 +108,9 @@ def test_unreadable_key_in_gateway_config(tmp_path):
 
 
 def test_bad_task_value_names_the_task_file(tmp_path):
-    (tmp_path / "task.toml").write_text("id = 't'\n[model]\nkind = 'cnn'\nn_features = 3\nn_classes = 2\n")
+    (tmp_path / "task.toml").write_text(
+        "id = 't'\n[model]\nkind = 'cnn'\nn_features = 3\nn_classes = 2\n"
+    )
     (tmp_path / "a.toml").write_text(
         "[agent]\ndevice = 'd'\nkey = 'k.pem'\ntask = 'task.toml'\ndata = 'd.npz'\n"
         "gateway_public_key = 'x'\nstate = 's.json'\n"

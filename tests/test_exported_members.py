@@ -28,8 +28,12 @@ def test_surfaces():
         "BlockInfo", "ChainError", "EmbeddedLedger", "LedgerBackend", "LedgerError", "VerifyReport",
         "leaf_hash", "merkle_root",
     }  # fmt: skip
-    assert {"Gateway", "UpdateValidator", "FedAvgAccumulator", "fedavg", "REJECT_REASONS"} <= set(gateway.__all__)
-    assert {"encode_update", "decode_envelope", "ModelSpec", "MqttTransport"} <= set(fedcore.__all__)
+    assert {"Gateway", "UpdateValidator", "FedAvgAccumulator", "fedavg", "REJECT_REASONS"} <= set(
+        gateway.__all__
+    )
+    assert {"encode_update", "decode_envelope", "ModelSpec", "MqttTransport"} <= set(
+        fedcore.__all__
+    )
 
 
 def test_edge_agent_imports_no_server_code():

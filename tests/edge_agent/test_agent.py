@@ -37,7 +37,9 @@ def setup(task, dataset, gateway_key, tmp_path):
 
 def publish_model(broker, task, key, round_=0, status="open"):
     payload = model_payload(init_params(task.model_spec()))
-    frame = encode_model(ModelHeader(task=task.id, round=round_, status=status, deadline=0.0), payload, key.sign)
+    frame = encode_model(
+        ModelHeader(task=task.id, round=round_, status=status, deadline=0.0), payload, key.sign
+    )
     broker.transport().publish(model_topic(task.id), frame, retain=True)
 
 

@@ -5,13 +5,16 @@ from fedcore import (
     ConfigError,
     ModelSpec,
     accuracy,
+    device_from_topic,
     init_params,
     load_local_data,
     load_task,
     model_hash,
+    model_topic,
+    presence_topic,
     train,
+    update_topic,
 )
-from fedcore import device_from_topic, model_topic, presence_topic, update_topic
 
 
 @pytest.mark.parametrize("kind", ["logreg", "mlp"])
@@ -19,10 +22,14 @@ def test_training_learns(task, dataset, kind):
     spec = ModelSpec.from_dict({**task.model_spec().to_dict(), "kind": kind})
     params = init_params(spec)
     before = accuracy(spec, params, dataset.x_test, dataset.y_test)
-    after_params = train(spec, params, dataset.x_train, dataset.y_train, epochs=5, batch_size=16, lr=0.1, seed=0)
+    after_params = train(
+        spec, params, dataset.x_train, dataset.y_train, epochs=5, batch_size=16, lr=0.1, seed=0
+    )
     after = accuracy(spec, after_params, dataset.x_test, dataset.y_test)
     assert after > 0.9 and after > before
-    assert model_hash(params) == model_hash(init_params(spec))  # inputs untouched, init deterministic
+    assert model_hash(params) == model_hash(
+        init_params(spec)
+    )  # inputs untouched, init deterministic
 
 
 def test_spec_validation():
@@ -46,13 +53,19 @@ def test_task_file_errors_name_file_and_key(tmp_path):
     path.write_text("id = 'a b'\n[model]\nkind = 'logreg'\nn_features = 3\nn_classes = 2\n")
     with pytest.raises(ConfigError, match=r"task.toml: id: String should match pattern"):
         load_task(path)
-    path.write_text("id = 'x'\nrounds = 0\n[model]\nkind = 'logreg'\nn_features = 3\nn_classes = 2\n")
-    with pytest.raises(ConfigError, match=r"task.toml: rounds: Input should be greater than or equal to 1"):
+    path.write_text(
+        "id = 'x'\nrounds = 0\n[model]\nkind = 'logreg'\nn_features = 3\nn_classes = 2\n"
+    )
+    with pytest.raises(
+        ConfigError, match=r"task.toml: rounds: Input should be greater than or equal to 1"
+    ):
         load_task(path)
     path.write_text(
         "id = 'x'\n[model]\nkind = 'logreg'\nn_features = 3\nn_classes = 2\nfeature_mean = [1.0]\n"
     )
-    with pytest.raises(ConfigError, match=r"task.toml: model: feature_mean has 1 values for 3 features"):
+    with pytest.raises(
+        ConfigError, match=r"task.toml: model: feature_mean has 1 values for 3 features"
+    ):
         load_task(path)
 
 

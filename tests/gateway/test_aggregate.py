@@ -6,7 +6,10 @@ from gateway import FedAvgAccumulator, fedavg
 
 
 def updates(rng, n):
-    return [({"w": rng.normal(size=(4, 3)), "b": rng.normal(size=3)}, int(rng.integers(1, 50))) for _ in range(n)]
+    return [
+        ({"w": rng.normal(size=(4, 3)), "b": rng.normal(size=3)}, int(rng.integers(1, 50)))
+        for _ in range(n)
+    ]
 
 
 def test_fedavg_is_the_sample_weighted_mean(rng):

@@ -25,7 +25,9 @@ def make_gateway(tmp_path, task, registry, gateway_key, dataset, broker, clock):
         transport=broker.transport(),
         store=UpdateStore(tmp_path / "store.sqlite"),
         ledger=EmbeddedLedger(
-            tmp_path / "ledger.sqlite", signer=signer_from_key(gateway_key), public_key=public_key_b64(gateway_key)
+            tmp_path / "ledger.sqlite",
+            signer=signer_from_key(gateway_key),
+            public_key=public_key_b64(gateway_key),
         ),
         registry=registry,
         signer=signer_from_key(gateway_key),
@@ -156,3 +158,24 @@ def test_final_model_message_is_signed_by_the_gateway(world, task, gateway_key):
     env = decode_envelope(probe.messages.get_nowait().payload)
     assert env.header.status == "final"
     gateway_key.public_key().verify(env.signature, env.signed)
+
+
+def test_two_updates_from_one_device_in_one_batch_count_once(world, task, device_keys):
+    from fedcore import UpdateHeader, encode_tensors, encode_update
+
+    _broker, _clock, gateway, _agents = world
+    gateway.start()
+    base = gateway._open.base_hash
+    shapes = task.model_spec().shapes()
+    payload = encode_tensors({k: np.zeros(s, np.float32) for k, s in shapes.items()}, "int8")
+    for counter in (1, 2):
+        header = UpdateHeader(
+            task=task.id, round=0, device="dev-0", base=base, samples=5, codec="int8", counter=counter
+        )
+        gateway.transport.publish(
+            update_topic(task.id, "dev-0"), encode_update(header, payload, device_keys["dev-0"].sign)
+        )
+    gateway.step(0)
+    assert gateway.stats.accepted == 1
+    assert gateway.stats.rejected == {"duplicate": 1}
+    assert len(gateway.store.updates(task.id, 0)) == 1

@@ -4,10 +4,10 @@ embedded ledger; then garbage thrown at the gateway while a round runs."""
 from __future__ import annotations
 
 import subprocess
-from collections import Counter
 import sys
 import threading
 import time
+from collections import Counter
 
 import paho.mqtt.client as mqtt
 import pytest
@@ -39,7 +39,9 @@ def layout(tmp_path, dataset, mosquitto):
         devices=5,
         alpha=0.5,
         seed=3,
-        options=TaskOptions(task_id=f"it-{time.monotonic_ns()}", rounds=3, epochs=2, round_timeout=30.0),
+        options=TaskOptions(
+            task_id=f"it-{time.monotonic_ns()}", rounds=3, epochs=2, round_timeout=30.0
+        ),
         broker_host=mosquitto.host,
         broker_port=mosquitto.port,
     )
@@ -49,9 +51,12 @@ class Fleet:
     def __init__(self, layout):
         self.stop = threading.Event()
         self.agents = [
-            open_agent(load_agent_config(path), source=str(path)) for path in layout.agent_configs.values()
+            open_agent(load_agent_config(path), source=str(path))
+            for path in layout.agent_configs.values()
         ]
-        self.threads = [threading.Thread(target=a.run, args=(self.stop,), daemon=True) for a in self.agents]
+        self.threads = [
+            threading.Thread(target=a.run, args=(self.stop,), daemon=True) for a in self.agents
+        ]
 
     def __enter__(self):
         for agent, thread in zip(self.agents, self.threads, strict=True):
@@ -110,7 +115,9 @@ def test_three_rounds_improve_accuracy_and_verify(layout, dataset):
     import sqlite3
 
     db = sqlite3.connect(layout.ledger)
-    db.execute("UPDATE blocks SET records = replace(records, '\"round\":1', '\"round\":7') WHERE height = 3")
+    db.execute(
+        "UPDATE blocks SET records = replace(records, '\"round\":1', '\"round\":7') WHERE height = 3"
+    )
     db.commit()
     db.close()
     bad = subprocess.run(verify, capture_output=True, text=True, timeout=60)
@@ -121,7 +128,9 @@ def test_three_rounds_improve_accuracy_and_verify(layout, dataset):
 
 def test_bad_input_is_rejected_with_reasons_while_the_round_completes(layout):
     task = load_task(layout.task)
-    rogue = MqttTransport(MqttSettings(port=layout_port(layout), client_id="rogue", clean_session=True))
+    rogue = MqttTransport(
+        MqttSettings(port=layout_port(layout), client_id="rogue", clean_session=True)
+    )
     rogue.start()
     assert rogue.wait_connected(10)
     victim = "device-01"
@@ -134,7 +143,15 @@ def test_bad_input_is_rejected_with_reasons_while_the_round_completes(layout):
         shapes = task.model_spec().shapes()
         tensors = {k: np.ones(s, np.float32) for k, s in shapes.items()}
         forged = encode_update(
-            UpdateHeader(task=task.id, round=1, device=victim, base="00" * 32, samples=5, codec="int8", counter=99),
+            UpdateHeader(
+                task=task.id,
+                round=1,
+                device=victim,
+                base="00" * 32,
+                samples=5,
+                codec="int8",
+                counter=99,
+            ),
             encode_tensors(tensors, "int8"),
             mallory.sign,
         )

@@ -42,7 +42,11 @@ def test_pinned_key_must_match(chain, gateway_key):
 @pytest.mark.parametrize(
     ("sql", "args", "problem"),
     [
-        ("UPDATE blocks SET records = ? WHERE height = 3", ('[{"round":9,"type":"round"}]',), "Merkle"),
+        (
+            "UPDATE blocks SET records = ? WHERE height = 3",
+            ('[{"round":9,"type":"round"}]',),
+            "Merkle",
+        ),
         ("UPDATE blocks SET timestamp = 5 WHERE height = 3", (), "block hash"),
         ("UPDATE blocks SET prev_hash = ? WHERE height = 3", ("0" * 64,), "previous-hash"),
         ("UPDATE blocks SET signature = zeroblob(64) WHERE height = 3", (), "signature"),
@@ -62,7 +66,9 @@ def test_re_signed_forgery_is_caught_with_a_pinned_key(chain, gateway_key):
     """An attacker who rewrites the whole chain with their own key fools only an unpinned check."""
     forged_path = chain.path.parent / "forged.sqlite"
     mallory = generate_key()
-    with EmbeddedLedger(forged_path, signer=mallory.sign, public_key=public_key_b64(mallory)) as forged:
+    with EmbeddedLedger(
+        forged_path, signer=mallory.sign, public_key=public_key_b64(mallory)
+    ) as forged:
         forged.append([{"type": "round", "round": 0, "contributors": ["mallory"]}])
         assert forged.verify().ok
         assert not forged.verify(public_key=public_key_b64(gateway_key)).ok
