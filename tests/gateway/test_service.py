@@ -170,10 +170,17 @@ def test_two_updates_from_one_device_in_one_batch_count_once(world, task, device
     payload = encode_tensors({k: np.zeros(s, np.float32) for k, s in shapes.items()}, "int8")
     for counter in (1, 2):
         header = UpdateHeader(
-            task=task.id, round=0, device="dev-0", base=base, samples=5, codec="int8", counter=counter
+            task=task.id,
+            round=0,
+            device="dev-0",
+            base=base,
+            samples=5,
+            codec="int8",
+            counter=counter,
         )
         gateway.transport.publish(
-            update_topic(task.id, "dev-0"), encode_update(header, payload, device_keys["dev-0"].sign)
+            update_topic(task.id, "dev-0"),
+            encode_update(header, payload, device_keys["dev-0"].sign),
         )
     gateway.step(0)
     assert gateway.stats.accepted == 1
