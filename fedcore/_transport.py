@@ -112,6 +112,15 @@ class MqttTransport:
         if info.rc not in (mqtt.MQTT_ERR_SUCCESS, mqtt.MQTT_ERR_NO_CONN):
             raise ConnectionError(f"publish to {topic} failed: {mqtt.error_string(info.rc)}")
 
+    def publish_confirmed(
+        self, topic: str, payload: bytes, *, qos: int = 1, timeout: float = 10.0
+    ) -> None:
+        """Publish and wait until the broker acknowledged it (not from a paho callback)."""
+        info = self._client.publish(topic, payload, qos=qos)
+        info.wait_for_publish(timeout)
+        if not info.is_published():
+            raise ConnectionError(f"publish to {topic} not acknowledged within {timeout} s")
+
     def stop(self) -> None:
         self._client.disconnect()
         self._client.loop_stop()

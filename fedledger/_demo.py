@@ -143,6 +143,7 @@ def run_demo(
         status(f"provisioned {options.devices} devices under {root}")
         gateway = open_gateway(load_gateway_config(layout.gateway_config), on_round=on_round)
         agents = _Agents(layout, options.agents)
+        grace = 0.0  # on an error or Ctrl-C, stop the agents at once
         try:
             gateway.connect()
             agents.start()
@@ -155,9 +156,9 @@ def run_demo(
             status(f"{online} of {options.devices} devices online; training")
             gateway.start()
             results = gateway.run()
-            agents.stop()
+            grace = 10.0  # they leave by themselves once the final model is out
         finally:
-            agents.stop(grace=0)
+            agents.stop(grace=grace)
             gateway.close()
     with EmbeddedLedger.open_readonly(layout.ledger) as chain:
         verify = chain.verify(public_key=layout.gateway_public_key)

@@ -128,10 +128,7 @@ class Devices:
 
     def send(self, devices):
         for device in devices:
-            info = self.client._client.publish(
-                update_topic(self.task.id, device), self.frames[device], qos=1
-            )
-            info.wait_for_publish(5)
+            self.client.publish_confirmed(update_topic(self.task.id, device), self.frames[device])
 
 
 @pytest.mark.parametrize("kill_after", [0, 1, 3, 4])
