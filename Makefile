@@ -1,5 +1,6 @@
 # Two commands for a new user: `make demo` and `make test`. Each sets up everything it
-# needs (virtual environment, the project and its extras, the Mosquitto broker) first.
+# needs (virtual environment, the project and its extras, the Mosquitto broker, and for the
+# tests Prometheus) first.
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV ?= .venv
@@ -8,7 +9,7 @@ STAMP := $(VENV)/.fedledger-installed
 DEMO_ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: demo test setup broker lint bench clean help
+.PHONY: demo test setup broker prometheus lint bench clean help
 
 help:
 	@echo "make demo    set everything up and run a federated training on this machine"
@@ -19,7 +20,7 @@ help:
 demo: setup broker
 	$(BIN)/fedledger demo $(DEMO_ARGS)
 
-test: setup broker
+test: setup broker prometheus
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 lint: setup
@@ -50,6 +51,12 @@ $(STAMP): pyproject.toml | $(BIN)/python
 broker:
 	@if command -v mosquitto >/dev/null 2>&1 || [ -x /usr/sbin/mosquitto ]; then exit 0; fi; \
 	$(MAKE) --no-print-directory _apt PKGS="mosquitto" WHAT="the Mosquitto MQTT broker"
+
+# The tests start their own Prometheus (own port, config and storage) to scrape a gateway;
+# a system service the package may start is not used.
+prometheus:
+	@if command -v prometheus >/dev/null 2>&1 || [ -x /usr/bin/prometheus ]; then exit 0; fi; \
+	$(MAKE) --no-print-directory _apt PKGS="prometheus" WHAT="the Prometheus server the metrics tests run"
 
 # Install Debian packages $(PKGS) as root or through sudo; say what to do when neither works.
 _apt:

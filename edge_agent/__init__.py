@@ -5,11 +5,13 @@ Imports only ``fedcore``; nothing from ``gateway`` or ``ledger`` is installed on
 
 from ._agent import AgentError, AgentState, EdgeAgent
 from ._config import AgentConfig, AgentSection, load_agent_config
+from ._metrics import AgentMetrics
 from ._run import open_agent
 
 __all__ = [
     "AgentConfig",
     "AgentError",
+    "AgentMetrics",
     "AgentSection",
     "AgentState",
     "EdgeAgent",

@@ -9,8 +9,10 @@ import logging
 import os
 import queue
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
@@ -35,6 +37,9 @@ from fedcore import (
     update_topic,
     verify_signature,
 )
+
+if TYPE_CHECKING:
+    from ._metrics import AgentMetrics
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +89,7 @@ class EdgeAgent:
         data: tuple[np.ndarray, np.ndarray],
         state_path: Path | None = None,
         seed: int = 0,
+        metrics: AgentMetrics | None = None,
     ):
         self.device = device
         self.task = task
@@ -103,6 +109,9 @@ class EdgeAgent:
         self.final_model: str | None = None
         self.rounds_trained = 0
         self.bytes_sent = 0
+        self.metrics = metrics
+        if metrics is not None:
+            metrics.bind(self)
 
     def start(self) -> None:
         self.transport.subscribe(model_topic(self.task.id), 1)
@@ -150,10 +159,13 @@ class EdgeAgent:
             hashlib.sha256(f"{self._seed}/{self.device}/{header.round}".encode()).digest()[:8],
             "big",
         )
+        started = time.perf_counter()
         local = train(
             self.spec, global_params, self.x, self.y,
             epochs=t.epochs, batch_size=t.batch_size, lr=t.lr, seed=seed,
         )  # fmt: skip
+        if self.metrics is not None:
+            self.metrics.training.observe(time.perf_counter() - started)
         delta = {k: local[k] - global_params[k] for k in global_params}
         payload = encode_tensors(delta, self.task.codec)
         self.state.counter += 1

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Annotated
 
-from pydantic import field_validator
+from pydantic import Field, field_validator
 
 from fedcore import BrokerSection, StrictModel, load_config, resolve_path
 
@@ -25,6 +26,11 @@ class AgentSection(StrictModel):
     state: Path
     #: Leave once the gateway announces the task's final model.
     exit_on_final: bool = False
+    #: Serve Prometheus metrics at ``http://metrics_host:metrics_port/metrics``; unset: not served.
+    #: 0 picks a free port.
+    metrics_port: Annotated[int, Field(ge=0, le=65535)] | None = None
+    #: The address the metrics endpoint listens on; loopback unless a scraper needs more.
+    metrics_host: str = "127.0.0.1"
 
     @field_validator("key", "task", "data", "state", mode="before")
     @classmethod

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from prometheus_client import CollectorRegistry
+
 from fedcore import (
     ConfigError,
     Message,
@@ -19,6 +21,7 @@ from fedcore import (
 
 from ._agent import EdgeAgent
 from ._config import AgentConfig
+from ._metrics import AgentMetrics
 
 
 def open_agent(
@@ -44,7 +47,8 @@ def open_agent(
                 online=Message(presence, b"online", retain=True),
             )
         )
-    return EdgeAgent(
+    metrics = None if a.metrics_port is None else AgentMetrics(registry=CollectorRegistry())
+    agent = EdgeAgent(
         device=a.device,
         task=task,
         transport=transport,
@@ -52,4 +56,9 @@ def open_agent(
         gateway_key=gateway_key,
         data=load_local_data(a.data),
         state_path=a.state,
+        metrics=metrics,
     )
+    if metrics is not None and a.metrics_port is not None:
+        # Served for the life of the process (a daemon thread); AgentMetrics.close() stops it.
+        metrics.serve(a.metrics_port, host=a.metrics_host)
+    return agent

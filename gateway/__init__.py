@@ -3,6 +3,7 @@
 from ._aggregate import FedAvgAccumulator, fedavg
 from ._config import GatewayConfig, GatewaySection, load_gateway_config
 from ._errors import REJECT_REASONS, GatewayError, Rejected
+from ._metrics import GatewayMetrics
 from ._registry import DeviceRegistry
 from ._run import open_gateway
 from ._service import Gateway, GatewayStats, RoundResult
@@ -17,6 +18,7 @@ __all__ = [
     "Gateway",
     "GatewayConfig",
     "GatewayError",
+    "GatewayMetrics",
     "GatewaySection",
     "GatewayStats",
     "Rejected",

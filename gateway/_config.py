@@ -34,6 +34,11 @@ class GatewaySection(StrictModel):
     max_message_bytes: Annotated[int, Field(ge=1024, le=256 << 20)] = DEFAULT_MAX_MESSAGE_BYTES
     #: Wait up to this many seconds for every registered device to come online before round 0.
     start_wait: Annotated[float, Field(ge=0)] = 10.0
+    #: Serve Prometheus metrics at ``http://metrics_host:metrics_port/metrics``; unset: not served.
+    #: 0 picks a free port.
+    metrics_port: Annotated[int, Field(ge=0, le=65535)] | None = None
+    #: The address the metrics endpoint listens on; loopback unless a scraper needs more.
+    metrics_host: str = "127.0.0.1"
 
     @field_validator("key", "task", "registry", "store", "ledger", "evaluation", mode="before")
     @classmethod

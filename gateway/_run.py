@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from prometheus_client import CollectorRegistry
+
 from fedcore import (
     MqttSettings,
     MqttTransport,
@@ -17,6 +19,8 @@ from fedcore import (
 from ledger import EmbeddedLedger
 
 from ._config import GatewayConfig
+from ._errors import GatewayError
+from ._metrics import GatewayMetrics
 from ._registry import DeviceRegistry
 from ._service import Gateway, RoundResult
 from ._store import UpdateStore
@@ -43,9 +47,10 @@ def open_gateway(
                 client_id=f"gateway-{g.id}",
             ),
         )
+    metrics = None if g.metrics_port is None else GatewayMetrics(registry=CollectorRegistry())
     store = UpdateStore(g.store)
     ledger = EmbeddedLedger(g.ledger, signer=signer, public_key=public_key_b64(key))
-    return Gateway(
+    gateway = Gateway(
         task=task,
         transport=transport,
         store=store,
@@ -55,4 +60,12 @@ def open_gateway(
         evaluation=evaluation,
         max_message_bytes=g.max_message_bytes,
         on_round=on_round,
+        metrics=metrics,
     )
+    if metrics is not None and g.metrics_port is not None:
+        try:
+            metrics.serve(g.metrics_port, host=g.metrics_host)  # Gateway.close() stops it
+        except GatewayError:
+            gateway.close()
+            raise
+    return gateway

@@ -43,6 +43,7 @@ from ledger import LedgerBackend, leaf_hash, merkle_root
 
 from ._aggregate import FedAvgAccumulator
 from ._errors import GatewayError, Rejected
+from ._metrics import GatewayMetrics
 from ._registry import DeviceRegistry
 from ._store import PendingRejection, PendingUpdate, UpdateStore
 from ._validate import AcceptedUpdate, RoundContext, UpdateValidator
@@ -71,7 +72,7 @@ class RoundResult:
 
 @dataclass
 class GatewayStats:
-    """Lifetime counters (exported as metrics by the operations layer)."""
+    """Lifetime counters and last-round figures; :class:`GatewayMetrics` exports them."""
 
     received: int = 0
     accepted: int = 0
@@ -79,6 +80,11 @@ class GatewayStats:
     rejected: Counter = field(default_factory=Counter)
     rounds_closed: int = 0
     online: set[str] = field(default_factory=set)
+    ledger_failures: int = 0
+    #: The open round; once the final model is published, the task's round count.
+    current_round: int | None = None
+    last_participants: int | None = None
+    last_accuracy: float | None = None
 
 
 @dataclass
@@ -109,6 +115,7 @@ class Gateway:
         max_message_bytes: int,
         clock: Callable[[], float] = time.time,
         on_round: Callable[[RoundResult], None] | None = None,
+        metrics: GatewayMetrics | None = None,
     ):
         self.task = task
         self.spec = task.model_spec()
@@ -118,6 +125,7 @@ class Gateway:
         self.registry = registry
         self.evaluation = evaluation
         self.stats = GatewayStats()
+        self.metrics = metrics
         self.results: list[RoundResult] = []
         self._signer = signer
         self._clock = clock
@@ -135,6 +143,8 @@ class Gateway:
         self._open: _OpenRound | None = None
         self._final_hash: str | None = None
         self._presence_prefix = f"{PREFIX}/{task.id}/presence/"
+        if metrics is not None:
+            metrics.bind(self)
 
     # ------------------------------------------------------------------ lifecycle
     @property
@@ -332,6 +342,7 @@ class Gateway:
                 self._count(current, stored.device, stored.digest, stored.samples, views)
             log.info("resumed round %d with %d stored updates", round_, len(current.devices))
         self._open = current
+        self.stats.current_round = round_
         self._publish_model(round_, "open", deadline, params)
 
     @staticmethod
@@ -363,10 +374,12 @@ class Gateway:
         self._close(current)
 
     def _close(self, current: _OpenRound) -> None:
+        started = time.perf_counter()
         delta = current.accumulator.result()
         params = {
             k: (current.base_params[k] + delta[k]).astype(np.float32) for k in current.base_params
         }
+        aggregation_s = time.perf_counter() - started
         payload = model_payload(params)
         new_hash = model_hash(params)
         acc = None
@@ -395,6 +408,11 @@ class Gateway:
         self.store.close_round(self.task.id, current.round, new_hash, payload, record)
         height = self._anchor(current.round, record)
         self.stats.rounds_closed += 1
+        self.stats.last_participants = len(contributors)
+        self.stats.last_accuracy = acc
+        if self.metrics is not None:
+            self.metrics.aggregation.observe(aggregation_s)
+            self.metrics.round_duration.observe(closed_at - current.opened_at)
         result = RoundResult(
             round=current.round,
             accuracy=acc,
@@ -419,11 +437,15 @@ class Gateway:
 
     def _anchor(self, round_: int, record: dict[str, Any]) -> int | None:
         """Append a round record to the ledger; a failure is retried at the next start."""
+        started = time.perf_counter()
         try:
             block = self.ledger.append([record])
         except Exception as exc:  # any backend failure must not lose the round
+            self.stats.ledger_failures += 1
             log.error("ledger append for round %d failed, will retry at restart: %s", round_, exc)
             return None
+        if self.metrics is not None:
+            self.metrics.ledger_commit.observe(time.perf_counter() - started)
         self.store.mark_ledgered(self.task.id, round_, block.height)
         return block.height
 
@@ -464,6 +486,7 @@ class Gateway:
 
     def _publish_final(self, final_hash: str, params: Params, round_: int) -> None:
         self._final_hash = final_hash
+        self.stats.current_round = round_
         self._publish_model(round_, "final", self._clock(), params)
 
     @property
@@ -471,7 +494,9 @@ class Gateway:
         return self._final_hash
 
     def close(self) -> None:
-        """Leave the broker and close the store and the ledger."""
+        """Stop serving metrics, leave the broker and close the store and the ledger."""
+        if self.metrics is not None:
+            self.metrics.close()
         self.transport.stop()
         self.store.close()
         self.ledger.close()

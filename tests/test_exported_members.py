@@ -22,15 +22,16 @@ def test_all_is_sorted_and_complete(module):
 
 def test_surfaces():
     assert set(edge_agent.__all__) == {
-        "AgentConfig", "AgentError", "AgentSection", "AgentState", "EdgeAgent", "load_agent_config", "open_agent",
+        "AgentConfig", "AgentError", "AgentMetrics", "AgentSection", "AgentState", "EdgeAgent",
+        "load_agent_config", "open_agent",
     }  # fmt: skip
     assert set(ledger.__all__) == {
         "BlockInfo", "ChainError", "EmbeddedLedger", "LedgerBackend", "LedgerError", "VerifyReport",
         "leaf_hash", "merkle_root",
     }  # fmt: skip
-    assert {"Gateway", "UpdateValidator", "FedAvgAccumulator", "fedavg", "REJECT_REASONS"} <= set(
-        gateway.__all__
-    )
+    assert {
+        "Gateway", "GatewayMetrics", "UpdateValidator", "FedAvgAccumulator", "fedavg", "REJECT_REASONS",
+    } <= set(gateway.__all__)  # fmt: skip
     assert {"encode_update", "decode_envelope", "ModelSpec", "MqttTransport"} <= set(
         fedcore.__all__
     )

@@ -1,0 +1,235 @@
+"""The gateway's metrics on a fresh registry, over the in-memory transport."""
+
+import urllib.request
+
+import numpy as np
+import pytest
+from prometheus_client import CollectorRegistry
+
+from edge_agent import EdgeAgent
+from fedcore import (
+    InMemoryBroker,
+    presence_topic,
+    public_key_b64,
+    signer_from_key,
+    update_topic,
+)
+from gateway import REJECT_REASONS, Gateway, GatewayError, GatewayMetrics, UpdateStore
+from ledger import EmbeddedLedger
+
+G = "fedledger_gateway_"
+
+
+class Clock:
+    def __init__(self):
+        self.now = 1_000.0
+
+    def __call__(self):
+        return self.now
+
+
+class FlakyLedger:
+    """An embedded ledger whose appends fail once ``failing`` is set (a fake, not a mock)."""
+
+    def __init__(self, inner):
+        self.inner = inner
+        self.failing = False
+
+    def append(self, records):
+        if self.failing:
+            raise OSError("ledger unreachable")
+        return self.inner.append(records)
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+
+def make_gateway(tmp_path, task, registry, gateway_key, dataset, broker, clock, metrics):
+    return Gateway(
+        task=task,
+        transport=broker.transport(),
+        store=UpdateStore(tmp_path / "store.sqlite"),
+        ledger=FlakyLedger(
+            EmbeddedLedger(
+                tmp_path / "ledger.sqlite",
+                signer=signer_from_key(gateway_key),
+                public_key=public_key_b64(gateway_key),
+            )
+        ),
+        registry=registry,
+        signer=signer_from_key(gateway_key),
+        evaluation=(dataset.x_test, dataset.y_test),
+        max_message_bytes=1 << 20,
+        clock=clock,
+        metrics=metrics,
+    )
+
+
+def make_agents(task, device_keys, gateway_key, dataset, broker):
+    agents = []
+    for i, (device, key) in enumerate(device_keys.items()):
+        idx = np.arange(i, len(dataset.y_train), len(device_keys))
+        agent = EdgeAgent(
+            device=device,
+            task=task,
+            transport=broker.transport(),
+            signer=signer_from_key(key),
+            gateway_key=gateway_key.public_key(),
+            data=(dataset.x_train[idx], dataset.y_train[idx]),
+        )
+        agent.start()
+        agents.append(agent)
+    return agents
+
+
+@pytest.fixture
+def world(tmp_path, task, registry, gateway_key, dataset, device_keys):
+    broker = InMemoryBroker()
+    clock = Clock()
+    prom = CollectorRegistry()
+    metrics = GatewayMetrics(registry=prom, version="9.9.9")
+    gateway = make_gateway(tmp_path, task, registry, gateway_key, dataset, broker, clock, metrics)
+    agents = make_agents(task, device_keys, gateway_key, dataset, broker)
+    gateway.connect()
+    yield broker, clock, gateway, agents, prom
+    gateway.close()
+
+
+def value(prom, name, **labels):
+    return prom.get_sample_value(name, labels)
+
+
+def run_round(gateway, agents, clock, seconds):
+    for agent in agents:
+        agent.step(0)
+    clock.now += seconds
+    gateway.step(0)
+
+
+def test_counters_gauges_and_histograms_after_three_rounds(world, task, device_keys):
+    broker, clock, gateway, agents, prom = world
+    outsider = broker.transport()
+    for device in ("dev-0", "dev-1", "not-registered"):
+        outsider.publish(presence_topic(task.id, device), b"online", retain=True)
+    gateway.step(0)
+    gateway.start()
+    assert value(prom, G + "current_round") == 0
+    assert value(prom, G + "last_round_participants") is None  # no round closed yet
+    assert value(prom, G + "global_model_accuracy_ratio") is None
+
+    run_round(gateway, agents, clock, 3.0)
+    outsider.publish(update_topic(task.id, "dev-0"), b"garbage")
+    outsider.publish(update_topic(task.id, "dev-3"), b"\0" * (2 << 20))
+    run_round(gateway, agents, clock, 4.0)
+    run_round(gateway, agents, clock, 5.0)
+    assert gateway.finished
+    outsider.publish(update_topic(task.id, "dev-1"), b"late")
+    gateway.step(0)
+
+    s = gateway.stats
+    assert value(prom, G + "updates_received_total") == s.received == 15 + 3
+    assert value(prom, G + "updates_accepted_total") == s.accepted == 15
+    assert value(prom, G + "update_received_bytes_total") == s.bytes_received > 2 << 20
+    expected = {"malformed": 1, "too_large": 1, "round_closed": 1}
+    for reason in REJECT_REASONS:  # every reason is exported, zeros included
+        got = value(prom, G + "updates_rejected_total", reason=reason)
+        assert got == expected.get(reason, 0), reason
+    assert value(prom, G + "rounds_closed_total") == 3
+    assert value(prom, G + "current_round") == task.rounds  # final model published
+    assert value(prom, G + "last_round_participants") == 5
+    acc = value(prom, G + "global_model_accuracy_ratio")
+    assert acc == gateway.results[-1].accuracy and 0.5 < acc <= 1.0
+    assert value(prom, G + "devices_registered") == len(device_keys)
+    assert value(prom, G + "devices_online") == 2  # the unregistered one is not counted
+    assert value(prom, G + "build_info", version="9.9.9") == 1
+
+    assert value(prom, G + "round_duration_seconds_count") == 3
+    assert value(prom, G + "round_duration_seconds_sum") == pytest.approx(3.0 + 4.0 + 5.0)
+    assert value(prom, G + "round_duration_seconds_bucket", le="2.5") == 0
+    assert value(prom, G + "round_duration_seconds_bucket", le="5.0") == 3
+    assert value(prom, G + "aggregation_seconds_count") == 3
+    assert value(prom, G + "aggregation_seconds_sum") > 0
+    assert value(prom, G + "ledger_commit_seconds_count") == 3
+    assert value(prom, G + "ledger_commit_failures_total") == 0
+
+
+def test_no_label_carries_a_device_id(world, task, device_keys):
+    broker, clock, gateway, agents, prom = world
+    gateway.start()
+    broker.transport().publish(update_topic(task.id, "dev-2"), b"garbage")
+    for _ in range(3):
+        run_round(gateway, agents, clock, 1.0)
+    devices = [*device_keys, "dev-"]
+    samples = [s for family in prom.collect() for s in family.samples]
+    assert len(samples) > 50
+    for sample in samples:
+        assert sample.name.startswith(G), sample.name
+        for key, label in sample.labels.items():
+            assert key in ("reason", "version", "le"), sample
+            assert not any(d in label for d in devices), sample
+
+
+def test_a_failed_ledger_append_is_counted_not_timed(world):
+    _broker, clock, gateway, agents, prom = world
+    gateway.start()
+    gateway.ledger.failing = True
+    run_round(gateway, agents, clock, 1.0)
+    assert gateway.results[0].ledger_height is None
+    assert value(prom, G + "ledger_commit_failures_total") == 1
+    assert value(prom, G + "ledger_commit_seconds_count") == 0
+    gateway.ledger.failing = False
+    run_round(gateway, agents, clock, 1.0)
+    assert value(prom, G + "ledger_commit_failures_total") == 1
+    assert value(prom, G + "ledger_commit_seconds_count") == 1
+
+
+def test_the_registry_refuses_a_second_set_of_gateway_metrics():
+    prom = CollectorRegistry()
+    GatewayMetrics(registry=prom)
+    with pytest.raises(ValueError, match="Duplicated timeseries"):
+        GatewayMetrics(registry=prom)
+
+
+def test_serve_exposes_the_registry_over_http_until_closed(world):
+    _broker, _clock, gateway, _agents, _prom = world
+    gateway.start()
+    metrics = gateway.metrics
+    port = metrics.serve(0)
+    assert metrics.port == port > 0
+    with pytest.raises(GatewayError, match="already served"):
+        metrics.serve(0)
+    url = f"http://127.0.0.1:{port}/metrics"
+    with urllib.request.urlopen(url, timeout=5) as response:
+        body = response.read().decode()
+    assert "fedledger_gateway_current_round 0.0" in body
+    assert 'fedledger_gateway_updates_rejected_total{reason="replayed"} 0.0' in body
+    gateway.close()  # closing the gateway stops the endpoint
+    assert metrics.port is None
+    with pytest.raises(OSError):
+        urllib.request.urlopen(url, timeout=2)
+
+
+def test_serve_on_a_taken_port_is_a_gateway_error():
+    first = GatewayMetrics(registry=CollectorRegistry())
+    port = first.serve(0)
+    try:
+        with pytest.raises(GatewayError, match=f"cannot serve metrics on 127.0.0.1:{port}"):
+            GatewayMetrics(registry=CollectorRegistry()).serve(port)
+    finally:
+        first.close()
+
+
+def test_metrics_port_is_validated_at_load(tmp_path):
+    from fedcore import ConfigError
+    from gateway import load_gateway_config
+
+    base = 'key = "k.pem"\ntask = "t.toml"\nregistry = "r.json"\nstore = "s.db"\nledger = "l.db"\n'
+    path = tmp_path / "gateway.toml"
+    path.write_text("[gateway]\n" + base)
+    assert load_gateway_config(path).gateway.metrics_port is None
+    path.write_text("[gateway]\n" + base + 'metrics_port = 9464\nmetrics_host = "0.0.0.0"\n')
+    section = load_gateway_config(path).gateway
+    assert (section.metrics_port, section.metrics_host) == (9464, "0.0.0.0")
+    path.write_text("[gateway]\n" + base + "metrics_port = 70000\n")
+    with pytest.raises(ConfigError, match=r"gateway.toml: gateway.metrics_port: .*65535"):
+        load_gateway_config(path)
