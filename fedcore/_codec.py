@@ -64,7 +64,7 @@ def encode_tensors(tensors: Mapping[str, np.ndarray], codec: str) -> bytes:
         raise CodecError("unknown_codec", f"codec {codec!r} is not one of {CODECS}")
     parts = [struct.pack("<H", len(tensors))]
     for name, value in tensors.items():
-        if not _NAME.match(name):
+        if not _NAME.fullmatch(name):
             raise CodecError("bad_name", f"tensor name {name!r} is not an identifier")
         array = np.asarray(value, dtype=np.float32)
         if array.ndim > _MAX_NDIM:
@@ -110,7 +110,7 @@ def iter_tensors(payload: bytes, *, max_elements: int) -> Iterator[TensorView]:
             name = bytes(take(name_len, "name")).decode("ascii")
         except UnicodeDecodeError:
             raise CodecError("bad_name", "tensor name is not ASCII") from None
-        if not _NAME.match(name) or name in seen:
+        if not _NAME.fullmatch(name) or name in seen:
             raise CodecError("bad_name", f"tensor name {name!r} is invalid or repeated")
         seen.add(name)
         dtype_code, ndim = struct.unpack("<BB", take(2, "dtype"))

@@ -43,5 +43,5 @@ def device_from_topic(topic: str, task: str) -> str | None:
         head = f"{PREFIX}/{task}/{kind}/"
         if topic.startswith(head):
             device = topic[len(head) :]
-            return device if IDENTIFIER.match(device) else None
+            return device if IDENTIFIER.fullmatch(device) else None
     return None

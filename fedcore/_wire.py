@@ -192,7 +192,7 @@ def _require(fields: dict[str, Any], spec: dict[str, type]) -> None:
 
 
 def _check_identifier(value: str, key: str) -> None:
-    if not IDENTIFIER.match(value):
+    if not IDENTIFIER.fullmatch(value):
         raise WireError("malformed", f"header field {key} is not a valid identifier")
 
 

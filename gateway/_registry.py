@@ -20,7 +20,7 @@ class DeviceRegistry:
         self._b64: dict[str, str] = {}
         for device, b64 in keys.items():
             key = f"devices.{device}.public_key"
-            if not isinstance(device, str) or not IDENTIFIER.match(device):
+            if not isinstance(device, str) or not IDENTIFIER.fullmatch(device):
                 raise ConfigError("device id is not a valid identifier", file=source, key=key)
             try:
                 self._keys[device] = load_public_key(b64)

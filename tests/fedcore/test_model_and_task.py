@@ -84,3 +84,7 @@ def test_local_data_formats(tmp_path):
     (tmp_path / "d.txt").write_text("")
     with pytest.raises(ConfigError, match="must be a .npz or .csv"):
         load_local_data(tmp_path / "d.txt")
+
+
+def test_topic_device_with_newline_is_not_a_device():
+    assert device_from_topic("fedledger/v1/t/update/d1\n", "t") is None

@@ -145,3 +145,9 @@ def test_non_canonical_or_extra_header_is_refused(key, payload):
         with pytest.raises(WireError) as info:
             decode_envelope(frame)
         assert info.value.reason == "malformed"
+
+
+def test_identifier_with_trailing_newline_is_refused(key, payload):
+    with pytest.raises(WireError) as info:
+        encode_update(header(device="dev-1\n"), payload, key.sign)
+    assert info.value.reason == "malformed"
