@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from fedcore import accuracy, init_params, load_task, train
-from gateway import RoundResult, load_gateway_config, open_gateway
+from gateway import RoundResult, UpdateStore, load_gateway_config, open_gateway
 from ledger import EmbeddedLedger
 
 from ._broker import MosquittoBroker
@@ -160,8 +160,12 @@ def run_demo(
         finally:
             agents.stop(grace=grace)
             gateway.close()
-    with EmbeddedLedger.open_readonly(layout.ledger) as chain:
-        verify = chain.verify(public_key=layout.gateway_public_key)
+    store = UpdateStore(layout.store)
+    try:
+        with EmbeddedLedger.open_readonly(layout.ledger) as chain:
+            verify = chain.verify(public_key=layout.gateway_public_key, replay=True, store=store)
+    finally:
+        store.close()
     central = centralized_accuracy(layout, dataset)
     final = results[-1].accuracy if results else None
     report: dict[str, Any] = {
@@ -185,7 +189,7 @@ def run_demo(
                 "rejected_by_reason": r.rejected_by_reason,
                 "duration_s": round(r.duration_s, 4),
                 "model_hash": r.model_hash,
-                "ledger_height": r.ledger_height,
+                "ledgered": r.ledgered,
             }
             for r in results
         ],
@@ -196,6 +200,8 @@ def run_demo(
         "ledger_verified": verify.ok,
         "ledger_blocks": verify.blocks,
         "ledger_problem": verify.problem,
+        "ledger_checked_models": verify.checked_models,
+        "ledger_checked_updates": verify.checked_updates,
         "ledger_path": str(layout.ledger),
         "gateway_public_key": layout.gateway_public_key,
         "workdir": str(root),

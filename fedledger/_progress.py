@@ -101,7 +101,9 @@ class RoundTable:
             f"  centralized accuracy  {100 * central:.2f}%  (same model on the pooled data)",
             f"  gap                   {report['gap_pp']:.2f} percentage points",
             f"  final model           {str(report['final_model'])[:16]}...",
-            f"  ledger                {verified}: {report['ledger_blocks']} blocks in"
+            f"  ledger                {verified}: {report['ledger_blocks']} blocks (hash chain,"
+            f" signatures, contract replay, {report['ledger_checked_models']} models and"
+            f" {report['ledger_checked_updates']} updates against the store) in"
             f" {report['ledger_path']}",
             f"  report                {report['report_path']}",
         ]

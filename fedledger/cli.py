@@ -192,29 +192,63 @@ def gateway_run(
 
 
 # ---------------------------------------------------------------- ledger
+DbOption = Annotated[Path, typer.Option("--db", help="Embedded ledger file (SQLite).")]
+
+
 @ledger_app.command("verify")
 def ledger_verify(
-    db: Annotated[Path, typer.Option("--db", help="Embedded ledger file (SQLite).")],
+    db: DbOption,
     public_key: Annotated[
         str | None,
         typer.Option(
             help="Pin the gateway's public key (base64) instead of trusting the genesis block."
         ),
     ] = None,
+    store: Annotated[
+        Path | None,
+        typer.Option(
+            help="The gateway's store (gateway.sqlite): also check every committed model and"
+            " accepted update against the files the gateway holds."
+        ),
+    ] = None,
+    replay: Annotated[
+        bool,
+        typer.Option(
+            help="Re-execute every transaction through the contract and compare its reads,"
+            " writes, event and result (--no-replay checks signatures and hashes only)."
+        ),
+    ] = True,
     as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
 ) -> None:
-    """Re-check every block: hash chain, Merkle root, block hash and signature.
+    """Re-check the whole chain: hash links, Merkle roots, block hashes, signatures, and
+    (by default) the contract's rules by replaying every transaction.
 
     Exits 1 and names the first bad block when anything is inconsistent.
     """
+    from gateway import UpdateStore
     from ledger import EmbeddedLedger
 
-    with EmbeddedLedger.open_readonly(db) as chain:
-        report = chain.verify(public_key=public_key)
+    gateway_store = None
+    if store is not None:
+        if not store.is_file():
+            raise typer.BadParameter(f"no gateway store at {store}", param_hint="--store")
+        gateway_store = UpdateStore(store)
+    try:
+        with EmbeddedLedger.open_readonly(db) as chain:
+            report = chain.verify(public_key=public_key, replay=replay, store=gateway_store)
+    finally:
+        if gateway_store is not None:
+            gateway_store.close()
     if as_json:
         console.print_json(json.dumps(report.to_dict()))
     elif report.ok:
-        console.print(f"[green]ok[/]: {report.blocks} blocks, {report.records} records verified")
+        what = "signatures, hashes" + (", contract replay" if replay else "")
+        if store is not None:
+            what += f", {report.checked_models} models and {report.checked_updates} updates"
+        console.print(
+            f"[green]ok[/]: {report.blocks} blocks, {report.records} records verified ({what})",
+            soft_wrap=True,
+        )
     else:
         err.print(
             f"[red]ledger inconsistent[/] at block {report.first_bad_height}: {report.problem}",
@@ -222,6 +256,79 @@ def ledger_verify(
         )
     if not report.ok:
         raise typer.Exit(1)
+
+
+def _evaluate(db: Path, fn: str, *args):
+    from ledger import EmbeddedLedger, Identity
+
+    with EmbeddedLedger.open_readonly(db) as chain:
+        return chain.evaluate(fn, *args, identity=Identity("auditor", "cli", "auditor"))
+
+
+@ledger_app.command("history")
+def ledger_history(
+    model_hash: Annotated[str, typer.Argument(help="A global model's hash (SHA-256 hex).")],
+    db: DbOption,
+    task: Annotated[str | None, typer.Option(help="The task, when the hash is in several.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """The lineage of a global model: every round that built it, back to the initial model."""
+    from rich.table import Table
+
+    history = _evaluate(db, "GetHistory", model_hash, task)
+    if as_json:
+        sys.stdout.write(json.dumps(history, indent=2) + "\n")
+        return
+    table = Table(title=f"task {history['task']}: lineage of {history['model'][:16]}")
+    for column in ("round", "base model", "global model", "contributors", "samples", "metrics"):
+        table.add_column(column, no_wrap=True)
+    for r in history["rounds"]:
+        metrics = ", ".join(f"{k} {v:.4g}" for k, v in sorted((r.get("metrics") or {}).items()))
+        table.add_row(
+            str(r["round"]),
+            r["base_model"][:12],
+            r["global_model"][:12],
+            str(len(r.get("contributors") or [])),
+            str(r.get("samples", "")),
+            metrics,
+        )
+    console.print(table)
+    console.print(f"initial model {history['initial_model']}", highlight=False)
+
+
+@ledger_app.command("device")
+def ledger_device(
+    device_id: Annotated[str, typer.Argument(help="The device id.")],
+    db: DbOption,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """A device's registration and every accepted update it contributed, by task and round."""
+    from rich.table import Table
+
+    device = _evaluate(db, "GetDevice", device_id)
+    contributions = _evaluate(db, "GetDeviceContributions", device_id)
+    if as_json:
+        out = {"device": device, "contributions": contributions}
+        sys.stdout.write(json.dumps(out, indent=2) + "\n")
+        return
+    console.print(
+        f"device {device_id}: {device.get('status')}, org {device.get('org')},"
+        f" class {device.get('device_class')}",
+        highlight=False,
+    )
+    table = Table()
+    for column in ("task", "round", "update digest", "samples", "round status", "global model"):
+        table.add_column(column, no_wrap=True)
+    for c in contributions:
+        table.add_row(
+            c["task"],
+            str(c["round"]),
+            c["digest"][:16],
+            str(c["samples"]),
+            str(c.get("status", "")),
+            str(c.get("global_model") or "")[:12],
+        )
+    console.print(table)
 
 
 # ---------------------------------------------------------------- bench

@@ -18,7 +18,10 @@ from fedcore import (
 
 
 class GatewaySection(StrictModel):
-    id: str = "gateway"
+    #: The gateway's name: its MQTT client id and its subject on the ledger.
+    id: Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.@-]{0,127}$")] = "gateway"
+    #: The organisation (Fabric MSP id) the gateway and its devices belong to.
+    org: Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")] = "org1"
     #: Ed25519 private key (PEM) that signs global models and ledger blocks.
     key: Path
     #: The task spec shared with the agents.

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import json
 import os
 from collections.abc import Iterator, Mapping
@@ -52,6 +54,10 @@ class DeviceRegistry:
     def save(self, path: str | os.PathLike[str]) -> None:
         body = {"devices": {d: {"public_key": k} for d, k in sorted(self._b64.items())}}
         Path(path).write_bytes(canonical_json(body) + b"\n")
+
+    def fingerprint(self, device: str) -> str:
+        """SHA-256 of the device's raw public key: what the ledger's registry records."""
+        return hashlib.sha256(base64.b64decode(self._b64[device])).hexdigest()
 
     def public_key(self, device: str) -> Ed25519PublicKey | None:
         return self._keys.get(device)

@@ -16,7 +16,7 @@ from fedcore import (
     public_key_b64,
     signer_from_key,
 )
-from ledger import EmbeddedLedger
+from ledger import EmbeddedLedger, Identity
 
 from ._config import GatewayConfig
 from ._errors import GatewayError
@@ -61,6 +61,9 @@ def open_gateway(
         max_message_bytes=g.max_message_bytes,
         on_round=on_round,
         metrics=metrics,
+        identity=Identity(msp_id=g.org, subject=g.id, role="gateway"),
+        # The embedded ledger is the site's own: its operator is the admin who admits devices.
+        admin=Identity(msp_id=g.org, subject="admin", role="admin"),
     )
     if metrics is not None and g.metrics_port is not None:
         try:

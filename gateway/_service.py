@@ -8,6 +8,7 @@ evaluates, anchors the round on the ledger and publishes the next global model.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import queue
 import threading
@@ -39,7 +40,7 @@ from fedcore import (
     update_subscription,
 )
 from fedcore._topics import PREFIX
-from ledger import LedgerBackend, leaf_hash, merkle_root
+from ledger import ContractError, Identity, LedgerBackend, LedgerError
 
 from ._aggregate import FedAvgAccumulator
 from ._errors import GatewayError, Rejected
@@ -52,6 +53,8 @@ log = logging.getLogger(__name__)
 
 #: Messages handled per store transaction (group commit).
 _BATCH = 256
+#: Update records per ledger transaction (the contract takes at most 1,000).
+_LEDGER_BATCH = 1000
 
 
 @dataclass(frozen=True)
@@ -67,7 +70,7 @@ class RoundResult:
     rejected_by_reason: dict[str, int]
     duration_s: float
     model_hash: str
-    ledger_height: int | None
+    ledgered: bool
 
 
 @dataclass
@@ -78,6 +81,7 @@ class GatewayStats:
     accepted: int = 0
     bytes_received: int = 0
     rejected: Counter = field(default_factory=Counter)
+    rejections: list[dict[str, Any]] = field(default_factory=list)
     rounds_closed: int = 0
     online: set[str] = field(default_factory=set)
     ledger_failures: int = 0
@@ -99,6 +103,7 @@ class _OpenRound:
     devices: set[str] = field(default_factory=set)
     bytes_received: int = 0
     rejected: Counter = field(default_factory=Counter)
+    rejections: list[dict[str, Any]] = field(default_factory=list)
 
 
 class Gateway:
@@ -116,7 +121,13 @@ class Gateway:
         clock: Callable[[], float] = time.time,
         on_round: Callable[[RoundResult], None] | None = None,
         metrics: GatewayMetrics | None = None,
+        identity: Identity | None = None,
+        admin: Identity | None = None,
     ):
+        """``identity`` is who the gateway submits rounds as (role ``gateway``); ``admin``, when
+        given, registers the fleet and creates the task on the ledger at first start (the
+        embedded backend); without it they must already be there (Fabric, set up by an
+        operator)."""
         self.task = task
         self.spec = task.model_spec()
         self.transport = transport
@@ -126,6 +137,8 @@ class Gateway:
         self.evaluation = evaluation
         self.stats = GatewayStats()
         self.metrics = metrics
+        self.identity = identity or Identity(msp_id="org1", subject="gateway", role="gateway")
+        self.admin = admin
         self.results: list[RoundResult] = []
         self._signer = signer
         self._clock = clock
@@ -176,7 +189,7 @@ class Gateway:
         """Resume the task from the store, or open its first round."""
         self._counters = self.store.counters()
         rows = self.store.rounds(self.task.id)
-        self._anchor_unledgered(rows)
+        self._catch_up()
         if rows and rows[-1].status == "open":
             row = rows[-1]
             params = self._load_model(row.base_hash)
@@ -192,7 +205,7 @@ class Gateway:
             params = init_params(self.spec)
             base_hash = model_hash(params)
             self.store.put_model(base_hash, 0, model_payload(params))
-            self.ledger.append([self._task_record(base_hash)])
+            self._register(base_hash)
             next_round = 0
         if next_round >= self.task.rounds:
             self._publish_final(base_hash, params, next_round)
@@ -258,7 +271,7 @@ class Gateway:
                 ),
             )
         except Rejected as exc:
-            self._reject(exc, size, current)
+            self._reject(exc, size, current, hashlib.sha256(message.payload).hexdigest())
             return
         header = accepted.header
         self._counters[header.device] = header.counter
@@ -305,10 +318,13 @@ class Gateway:
         current.devices.add(device)
         current.contributors.append({"device": device, "update": digest, "samples": samples})
 
-    def _reject(self, exc: Rejected, size: int, current: _OpenRound | None) -> None:
+    def _reject(self, exc: Rejected, size: int, current: _OpenRound | None, digest: str) -> None:
         self.stats.rejected[exc.reason] += 1
         if current is not None:
             current.rejected[exc.reason] += 1
+            current.rejections.append(
+                {"device": exc.device, "digest": digest, "reason": exc.reason}
+            )
         log.info("rejected update from %s: %s", exc.device or "?", exc.reason)
         self._pending_rejections.append(
             PendingRejection(
@@ -318,6 +334,7 @@ class Gateway:
                 reason=exc.reason,
                 size=size,
                 received_at=self._clock(),
+                digest=digest,
             )
         )
 
@@ -340,8 +357,13 @@ class Gateway:
             for stored in self.store.updates(self.task.id, round_):
                 views = list(self._stored_views(stored.frame))
                 self._count(current, stored.device, stored.digest, stored.samples, views)
+            for rejection in self.store.rejections(self.task.id, round_):
+                current.rejected[rejection["reason"]] += 1
+                current.rejections.append(rejection)
             log.info("resumed round %d with %d stored updates", round_, len(current.devices))
         self._open = current
+        if self._catch_up():
+            self._ledger_open(round_, base_hash, deadline)
         self.stats.current_round = round_
         self._publish_model(round_, "open", deadline, params)
 
@@ -387,26 +409,9 @@ class Gateway:
             acc = accuracy(self.spec, params, *self.evaluation)
         closed_at = self._clock()
         contributors = sorted(current.contributors, key=lambda c: c["device"])
-        record = {
-            "type": "round",
-            "task": self.task.id,
-            "round": current.round,
-            "base_model": current.base_hash,
-            "global_model": new_hash,
-            "aggregation": "fedavg",
-            "codec": self.task.codec,
-            "contributors": contributors,
-            "samples": current.accumulator.total_samples,
-            "updates_root": merkle_root(
-                leaf_hash(bytes.fromhex(c["update"])) for c in contributors
-            ).hex(),
-            "rejected": dict(sorted(current.rejected.items())),
-            "metrics": {} if acc is None else {"accuracy": round(acc, 6)},
-            "opened_at": round(current.opened_at, 6),
-            "closed_at": round(closed_at, 6),
-        }
+        record = self._round_record(current, contributors, new_hash, acc)
         self.store.close_round(self.task.id, current.round, new_hash, payload, record)
-        height = self._anchor(current.round, record)
+        ledgered = self._catch_up()
         self.stats.rounds_closed += 1
         self.stats.last_participants = len(contributors)
         self.stats.last_accuracy = acc
@@ -423,7 +428,7 @@ class Gateway:
             rejected_by_reason=dict(current.rejected),
             duration_s=closed_at - current.opened_at,
             model_hash=new_hash,
-            ledger_height=height,
+            ledgered=ledgered,
         )
         self.results.append(result)
         log.info("round %d closed: %d updates, accuracy %s", current.round, len(contributors), acc)
@@ -435,37 +440,133 @@ class Gateway:
         else:
             self._open_round(current.round + 1, params, new_hash)
 
-    def _anchor(self, round_: int, record: dict[str, Any]) -> int | None:
-        """Append a round record to the ledger; a failure is retried at the next start."""
+    def _round_record(
+        self, current: _OpenRound, contributors: list[dict[str, Any]], new_hash: str, acc
+    ) -> dict[str, Any]:
+        """What the ledger gets for a round: its update records in batches, then the commit.
+
+        Kept in the store with the closed round, so an anchoring interrupted by a crash or
+        a ledger outage is finished at the next start.
+        """
+        records = [
+            {
+                "device": c["device"],
+                "digest": c["update"],
+                "samples": c["samples"],
+                "codec": self.task.codec,
+                "accepted": True,
+                "reason": None,
+            }
+            for c in contributors
+        ] + [
+            {
+                "device": r["device"],
+                "digest": r["digest"],
+                "samples": None,
+                "codec": None,
+                "accepted": False,
+                "reason": r["reason"],
+            }
+            for r in current.rejections
+        ]
+        return {
+            "task": self.task.id,
+            "round": current.round,
+            "base_model": current.base_hash,
+            "deadline": round(current.deadline, 3),
+            "batches": [
+                records[i : i + _LEDGER_BATCH] for i in range(0, len(records), _LEDGER_BATCH)
+            ],
+            "global_model": new_hash,
+            "aggregation": "fedavg",
+            "contributors": [c["device"] for c in contributors],
+            "metrics": {} if acc is None else {"accuracy": round(acc, 6)},
+        }
+
+    def _anchor(self, round_: int, record: dict[str, Any]) -> bool:
+        """Bring the ledger up to date with a closed round; a failure is retried at restart.
+
+        What is already there is read back from the ledger itself (the round's status and
+        batch count), so a retry never records anything twice.
+        """
         started = time.perf_counter()
+        task = self.task.id
         try:
-            block = self.ledger.append([record])
-        except Exception as exc:  # any backend failure must not lose the round
+            state = self._ledger_round(round_)
+            if state is None:
+                self.ledger.submit(
+                    "OpenRound", task, round_, record["base_model"], record["deadline"],
+                    identity=self.identity,
+                )  # fmt: skip
+                state = {"status": "open", "batches": 0}
+            if state["status"] != "committed":
+                for batch in record["batches"][state["batches"] :]:
+                    self.ledger.submit("RecordUpdates", task, round_, batch, identity=self.identity)
+                self.ledger.submit(
+                    "CommitRound", task, round_, record["global_model"], record["aggregation"],
+                    record["contributors"], record["metrics"], identity=self.identity,
+                )  # fmt: skip
+        except (LedgerError, OSError) as exc:
             self.stats.ledger_failures += 1
-            log.error("ledger append for round %d failed, will retry at restart: %s", round_, exc)
-            return None
+            log.error("ledger update for round %d failed, will retry at restart: %s", round_, exc)
+            return False
         if self.metrics is not None:
             self.metrics.ledger_commit.observe(time.perf_counter() - started)
-        self.store.mark_ledgered(self.task.id, round_, block.height)
-        return block.height
+        self.store.mark_ledgered(task, round_)
+        return True
 
-    def _anchor_unledgered(self, rows) -> None:
-        for row in rows:
-            if row.status == "closed" and row.ledger_height is None and row.record is not None:
-                self._anchor(row.round, row.record)
+    def _ledger_open(self, round_: int, base_hash: str, deadline: float) -> None:
+        """Anchor the round's opening now; if the ledger is down, closing the round does it."""
+        try:
+            if self._ledger_round(round_) is None:
+                self.ledger.submit(
+                    "OpenRound", self.task.id, round_, base_hash, round(deadline, 3),
+                    identity=self.identity,
+                )  # fmt: skip
+        except (LedgerError, OSError) as exc:
+            self.stats.ledger_failures += 1
+            log.error("ledger could not open round %d (retried at close): %s", round_, exc)
 
-    def _task_record(self, initial_hash: str) -> dict[str, Any]:
-        return {
-            "type": "task",
-            "task": self.task.id,
-            "spec_hash": self.task.spec_hash(),
-            "model_spec_hash": self.spec.spec_hash(),
-            "aggregation": "fedavg",
-            "codec": self.task.codec,
-            "rounds": self.task.rounds,
-            "initial_model": initial_hash,
-            "devices": sorted(self.registry),
-        }
+    def _ledger_round(self, round_: int) -> dict[str, Any] | None:
+        try:
+            return self.ledger.evaluate("GetRound", self.task.id, round_, identity=self.identity)
+        except ContractError as exc:
+            if exc.code == "not_found":
+                return None
+            raise
+
+    def _catch_up(self) -> bool:
+        """Anchor every closed round the ledger does not have yet, in order.
+
+        Rounds must reach the ledger in order (the contract refuses gaps), so a round whose
+        anchoring failed (ledger down) is retried before any later one. True when the
+        ledger holds every closed round.
+        """
+        pending = [
+            row
+            for row in self.store.rounds(self.task.id)
+            if row.status == "closed" and not row.ledgered and row.record is not None
+        ]
+        return all(self._anchor(row.round, row.record) for row in pending)
+
+    def _register(self, initial_hash: str) -> None:
+        """First start: admit the fleet and declare the task (already there is fine)."""
+        if self.admin is None:
+            return
+        org = self.admin.msp_id
+        calls = [
+            ("RegisterDevice", (d, org, "default", self.registry.fingerprint(d)))
+            for d in self.registry
+        ]
+        privacy = {"dp": None, "secure_aggregation": False}
+        task_args = (self.task.id, org, self.identity.subject, self.spec.spec_hash())
+        calls.append(("CreateTask", (*task_args, "fedavg", privacy, initial_hash)))
+        for fn, args in calls:
+            try:
+                self.ledger.submit(fn, *args, identity=self.admin)
+            except ContractError as exc:
+                if exc.code != "conflict":
+                    raise GatewayError(f"ledger refused {fn} {args[0]}: {exc}") from None
 
     def _load_model(self, model_hash_: str) -> Params:
         payload = self.store.get_model(model_hash_)

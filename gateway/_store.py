@@ -31,7 +31,7 @@ CREATE TABLE IF NOT EXISTS rounds (
     status        TEXT NOT NULL CHECK (status IN ('open', 'closed')),
     new_hash      TEXT,
     record        TEXT,
-    ledger_height INTEGER,
+    ledgered      INTEGER NOT NULL DEFAULT 0,
     PRIMARY KEY (task, round)
 );
 CREATE TABLE IF NOT EXISTS updates (
@@ -57,7 +57,8 @@ CREATE TABLE IF NOT EXISTS rejections (
     device      TEXT,
     reason      TEXT NOT NULL,
     size        INTEGER NOT NULL,
-    received_at REAL NOT NULL
+    received_at REAL NOT NULL,
+    digest      TEXT NOT NULL
 );
 """
 
@@ -72,7 +73,7 @@ class RoundRow:
     status: str
     new_hash: str | None
     record: dict[str, Any] | None
-    ledger_height: int | None
+    ledgered: bool
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,6 +96,7 @@ class PendingRejection:
     reason: str
     size: int
     received_at: float
+    digest: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -175,23 +177,18 @@ class UpdateStore:
             ]
         )
 
-    def mark_ledgered(self, task: str, round_: int, height: int) -> None:
+    def mark_ledgered(self, task: str, round_: int) -> None:
         self._write(
-            [
-                (
-                    "UPDATE rounds SET ledger_height = ? WHERE task = ? AND round = ?",
-                    (height, task, round_),
-                )
-            ]
+            [("UPDATE rounds SET ledgered = 1 WHERE task = ? AND round = ?", (task, round_))]
         )
 
     def rounds(self, task: str) -> list[RoundRow]:
         rows = self._db.execute(
             "SELECT task, round, base_hash, opened_at, deadline, status, new_hash, record,"
-            " ledger_height FROM rounds WHERE task = ? ORDER BY round",
+            " ledgered FROM rounds WHERE task = ? ORDER BY round",
             (task,),
         ).fetchall()
-        return [RoundRow(*r[:7], json.loads(r[7]) if r[7] else None, r[8]) for r in rows]
+        return [RoundRow(*r[:7], json.loads(r[7]) if r[7] else None, bool(r[8])) for r in rows]
 
     # updates and rejections
     def write_batch(self, updates: list[PendingUpdate], rejections: list[PendingRejection]) -> None:
@@ -218,9 +215,9 @@ class UpdateStore:
         for r in rejections:
             statements.append(
                 (
-                    "INSERT INTO rejections (task, round, device, reason, size, received_at)"
-                    " VALUES (?, ?, ?, ?, ?, ?)",
-                    (r.task, r.round, r.device, r.reason, r.size, r.received_at),
+                    "INSERT INTO rejections (task, round, device, reason, size, received_at,"
+                    " digest) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    (r.task, r.round, r.device, r.reason, r.size, r.received_at, r.digest),
                 )
             )
         if statements:
@@ -238,6 +235,14 @@ class UpdateStore:
         return dict(self._db.execute("SELECT device, counter FROM counters").fetchall())
 
     # rejections
+    def rejections(self, task: str, round_: int) -> list[dict[str, Any]]:
+        rows = self._db.execute(
+            "SELECT device, digest, reason FROM rejections"
+            " WHERE task = ? AND round = ? ORDER BY id",
+            (task, round_),
+        ).fetchall()
+        return [{"device": d, "digest": g, "reason": r} for d, g, r in rows]
+
     def rejection_counts(self, task: str) -> dict[str, int]:
         rows = self._db.execute(
             "SELECT reason, COUNT(*) FROM rejections WHERE task = ? GROUP BY reason", (task,)

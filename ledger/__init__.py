@@ -1,20 +1,31 @@
 """ledger: verifiable records of which devices built which model.
 
-The gateway talks to a :class:`LedgerBackend`; :class:`EmbeddedLedger` is the zero-setup
-backend (a signed hash chain in SQLite).
+One contract (:class:`FedLedgerContract`) decides what may be recorded; backends run it.
+The gateway talks to a :class:`LedgerBackend`: :class:`EmbeddedLedger` (a signed hash chain
+in SQLite, zero setup) or the Hyperledger Fabric client in ``ledger.fabric``.
 """
 
 from ._backend import BlockInfo, LedgerBackend, VerifyReport
+from ._context import Identity, MemoryContext, MemoryWorldState, MVCCConflictError, TxContext
+from ._contract import CODES, ContractError, FedLedgerContract
 from ._embedded import EmbeddedLedger
 from ._errors import ChainError, LedgerError
 from ._merkle import leaf_hash, merkle_root
 
 __all__ = [
+    "CODES",
     "BlockInfo",
     "ChainError",
+    "ContractError",
     "EmbeddedLedger",
+    "FedLedgerContract",
+    "Identity",
     "LedgerBackend",
     "LedgerError",
+    "MVCCConflictError",
+    "MemoryContext",
+    "MemoryWorldState",
+    "TxContext",
     "VerifyReport",
     "leaf_hash",
     "merkle_root",

@@ -1,10 +1,15 @@
-"""The boundary the gateway calls: any ledger backend implements this Protocol."""
+"""The boundary the gateway calls: any ledger backend implements this Protocol.
+
+Both backends run the same contract (``ledger._contract.FedLedgerContract``): the embedded
+one in-process over SQLite, the Fabric one as chaincode behind a peer's Gateway service.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
+
+from ._context import Identity
 
 
 @dataclass(frozen=True, slots=True)
@@ -23,6 +28,9 @@ class VerifyReport:
     records: int
     first_bad_height: int | None = None
     problem: str | None = None
+    replayed: bool = False
+    checked_models: int = 0
+    checked_updates: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -31,22 +39,21 @@ class VerifyReport:
             "records": self.records,
             "first_bad_height": self.first_bad_height,
             "problem": self.problem,
+            "replayed": self.replayed,
+            "checked_models": self.checked_models,
+            "checked_updates": self.checked_updates,
         }
 
 
 class LedgerBackend(Protocol):
-    """Append-only, verifiable record store used for round records."""
+    """Run contract transactions as ``identity``.
 
-    def append(self, records: Sequence[Mapping[str, Any]]) -> BlockInfo:
-        """Append one block holding ``records`` (one transaction); return its header."""
-        ...
+    ``submit`` commits a transaction (raising the contract's ``ContractError`` when a rule
+    refuses it, with nothing written); ``evaluate`` runs a read-only one.
+    """
 
-    def verify(self) -> VerifyReport:
-        """Re-check the whole chain."""
-        ...
+    def submit(self, fn: str, *args: Any, identity: Identity) -> Any: ...
 
-    def records(self, record_type: str | None = None) -> list[dict[str, Any]]:
-        """Every record in order, optionally only those whose ``type`` matches."""
-        ...
+    def evaluate(self, fn: str, *args: Any, identity: Identity) -> Any: ...
 
     def close(self) -> None: ...

@@ -37,7 +37,9 @@ def test_demo_writes_report_plot_and_a_verifiable_ledger(tmp_path, mosquitto):
     assert "ledger" in done.stdout and "verified" in done.stdout
     verify = run("ledger", "verify", "--db", report["ledger_path"], "--json")
     assert verify.returncode == 0
-    assert json.loads(verify.stdout)["blocks"] == 4
+    # genesis, 3 registrations, the task, open/record/commit per round
+    assert json.loads(verify.stdout)["blocks"] == 11
+    assert json.loads(verify.stdout)["replayed"] is True
     # every agent ran as its own process and logged its rounds
     logs = sorted((tmp_path / "work" / "logs").glob("*.log"))
     assert len(logs) == 3
@@ -124,3 +126,34 @@ def test_verify_of_a_missing_ledger_is_a_clear_error(tmp_path):
     done = run("ledger", "verify", "--db", str(tmp_path / "none.sqlite"))
     assert done.returncode == 2
     assert "no ledger at" in done.stderr and "Traceback" not in done.stderr
+
+
+@pytest.mark.mqtt
+def test_history_and_device_commands(tmp_path, mosquitto):
+    report_path = tmp_path / "report.json"
+    done = run(
+        "demo", "--devices", "3", "--rounds", "2", "--agents", "thread", "--no-plot", "--quiet",
+        "--json", str(report_path), "--workdir", str(tmp_path / "work"), cwd=tmp_path,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    report = json.loads(report_path.read_text())
+    db = report["ledger_path"]
+    history = run("ledger", "history", report["final_model"], "--db", db, "--json")
+    assert history.returncode == 0, history.stderr
+    lineage = json.loads(history.stdout)
+    assert [r["round"] for r in lineage["rounds"]] == [1, 0]
+    assert lineage["rounds"][0]["global_model"] == report["final_model"]
+    assert lineage["rounds"][1]["base_model"] == lineage["initial_model"]
+    device = run("ledger", "device", "device-02", "--db", db, "--json")
+    assert device.returncode == 0, device.stderr
+    body = json.loads(device.stdout)
+    assert body["device"]["status"] == "active"
+    assert [c["round"] for c in body["contributions"]] == [0, 1]
+    table = run("ledger", "history", report["final_model"], "--db", db)
+    assert table.returncode == 0 and "lineage" in table.stdout
+    unknown = run("ledger", "device", "nobody", "--db", db)
+    assert unknown.returncode == 2 and "not_found" in unknown.stderr
+    verify = run(
+        "ledger", "verify", "--db", db, "--store", str(tmp_path / "work" / "gateway.sqlite")
+    )
+    assert verify.returncode == 0 and "2 models and 6 updates" in verify.stdout

@@ -26,8 +26,9 @@ def test_surfaces():
         "load_agent_config", "open_agent",
     }  # fmt: skip
     assert set(ledger.__all__) == {
-        "BlockInfo", "ChainError", "EmbeddedLedger", "LedgerBackend", "LedgerError", "VerifyReport",
-        "leaf_hash", "merkle_root",
+        "CODES", "BlockInfo", "ChainError", "ContractError", "EmbeddedLedger", "FedLedgerContract",
+        "Identity", "LedgerBackend", "LedgerError", "MVCCConflictError", "MemoryContext",
+        "MemoryWorldState", "TxContext", "VerifyReport", "leaf_hash", "merkle_root",
     }  # fmt: skip
     assert {
         "Gateway", "GatewayMetrics", "UpdateValidator", "FedAvgAccumulator", "fedavg", "REJECT_REASONS",

@@ -15,7 +15,7 @@ from fedcore import (
     update_topic,
 )
 from gateway import REJECT_REASONS, Gateway, GatewayError, GatewayMetrics, UpdateStore
-from ledger import EmbeddedLedger
+from ledger import EmbeddedLedger, Identity
 
 G = "fedledger_gateway_"
 
@@ -35,13 +35,16 @@ class FlakyLedger:
         self.inner = inner
         self.failing = False
 
-    def append(self, records):
+    def submit(self, fn, *args, identity):
         if self.failing:
             raise OSError("ledger unreachable")
-        return self.inner.append(records)
+        return self.inner.submit(fn, *args, identity=identity)
 
     def __getattr__(self, name):
         return getattr(self.inner, name)
+
+
+ADMIN = Identity(msp_id="org1", subject="admin", role="admin")
 
 
 def make_gateway(tmp_path, task, registry, gateway_key, dataset, broker, clock, metrics):
@@ -62,6 +65,7 @@ def make_gateway(tmp_path, task, registry, gateway_key, dataset, broker, clock, 
         max_message_bytes=1 << 20,
         clock=clock,
         metrics=metrics,
+        admin=ADMIN,
     )
 
 
@@ -174,13 +178,17 @@ def test_a_failed_ledger_append_is_counted_not_timed(world):
     gateway.start()
     gateway.ledger.failing = True
     run_round(gateway, agents, clock, 1.0)
-    assert gateway.results[0].ledger_height is None
-    assert value(prom, G + "ledger_commit_failures_total") == 1
+    assert gateway.results[0].ledgered is False
+    # closing round 0 and opening round 1 both failed
+    assert value(prom, G + "ledger_commit_failures_total") == 2
     assert value(prom, G + "ledger_commit_seconds_count") == 0
     gateway.ledger.failing = False
     run_round(gateway, agents, clock, 1.0)
-    assert value(prom, G + "ledger_commit_failures_total") == 1
-    assert value(prom, G + "ledger_commit_seconds_count") == 1
+    # round 0 is anchored first, then round 1
+    assert gateway.results[1].ledgered is True
+    assert value(prom, G + "ledger_commit_failures_total") == 2
+    assert value(prom, G + "ledger_commit_seconds_count") == 2
+    assert gateway.ledger.verify(replay=True, store=gateway.store).ok
 
 
 def test_the_registry_refuses_a_second_set_of_gateway_metrics():

@@ -6,7 +6,7 @@ import pytest
 from edge_agent import EdgeAgent
 from fedcore import InMemoryBroker, decode_envelope, model_topic, signer_from_key, update_topic
 from gateway import Gateway, UpdateStore
-from ledger import EmbeddedLedger
+from ledger import EmbeddedLedger, Identity
 
 
 class Clock:
@@ -34,6 +34,7 @@ def make_gateway(tmp_path, task, registry, gateway_key, dataset, broker, clock):
         evaluation=(dataset.x_test, dataset.y_test),
         max_message_bytes=1 << 20,
         clock=clock,
+        admin=Identity(msp_id="org1", subject="admin", role="admin"),
     )
 
 
@@ -71,7 +72,7 @@ def world(tmp_path, task, registry, gateway_key, dataset, device_keys):
     return broker, clock, gateway, agents
 
 
-def test_all_rounds_close_and_are_anchored(world, task):
+def test_all_rounds_close_and_are_anchored(world, task, device_keys):
     broker, clock, gateway, agents = world
     gateway.start()
     for _ in range(10):
@@ -81,10 +82,17 @@ def test_all_rounds_close_and_are_anchored(world, task):
     assert all(r.participants == 5 for r in gateway.results)
     assert gateway.results[-1].accuracy > 0.9
     assert all(a.final_model == gateway.final_model for a in agents)
-    rounds = gateway.ledger.records("round")
-    assert [r["round"] for r in rounds] == [0, 1, 2]
+    admin = Identity(msp_id="org1", subject="admin", role="admin")
+    rounds = [gateway.ledger.evaluate("GetRound", task.id, r, identity=admin) for r in range(3)]
+    assert [r["status"] for r in rounds] == ["committed"] * 3
     assert rounds[1]["base_model"] == rounds[0]["global_model"]
-    assert gateway.ledger.verify().ok
+    assert rounds[2]["global_model"] == gateway.final_model
+    assert all(sorted(r["contributors"]) == sorted(device_keys) for r in rounds)
+    history = gateway.ledger.evaluate("GetHistory", gateway.final_model, identity=admin)
+    assert [h["round"] for h in history["rounds"]] == [2, 1, 0]
+    report = gateway.ledger.verify(replay=True, store=gateway.store)
+    assert report.ok, report.problem
+    assert report.checked_models == 3 and report.checked_updates == 15
 
 
 def test_deadline_closes_a_round_with_the_updates_that_arrived(world):

@@ -109,19 +109,21 @@ def test_three_rounds_improve_accuracy_and_verify(layout, dataset):
     verify = [sys.executable, "-m", "fedledger", "ledger", "verify", "--db", str(layout.ledger)]
     ok = subprocess.run(verify, capture_output=True, text=True, timeout=60)
     assert ok.returncode == 0, ok.stderr
-    assert "5 blocks" in ok.stdout  # genesis, task, three rounds
+    # genesis, 5 registrations, the task, then open/record/commit for each of three rounds
+    assert "16 blocks" in ok.stdout
 
     import sqlite3
 
     db = sqlite3.connect(layout.ledger)
     db.execute(
-        "UPDATE blocks SET records = replace(records, '\"round\":1', '\"round\":7') WHERE height = 3"
+        "UPDATE blocks SET records = replace(records, '\"accepted\":true', '\"accepted\":false')"
+        " WHERE height = 11"
     )
     db.commit()
     db.close()
     bad = subprocess.run(verify, capture_output=True, text=True, timeout=60)
     assert bad.returncode == 1
-    assert "block 3" in bad.stderr and "Merkle" in bad.stderr
+    assert "block 11" in bad.stderr and "Merkle" in bad.stderr
     assert "Traceback" not in bad.stderr
 
 

@@ -27,7 +27,9 @@ from fedcore import (
 )
 from fedcore._config import tomllib
 from fedledger._provision import TaskOptions, provision
-from ledger import EmbeddedLedger
+from ledger import EmbeddedLedger, Identity
+
+AUDITOR = Identity(msp_id="org1", subject="auditor", role="auditor")
 
 pytestmark = pytest.mark.mqtt
 
@@ -163,9 +165,10 @@ def test_sigkill_then_restart_keeps_every_update_once(site, mosquitto, kill_afte
         devices.client.stop()
 
     with EmbeddedLedger.open_readonly(site.ledger) as chain:
-        assert chain.verify().ok
-        (record,) = chain.records("round")
-    assert sorted(c["device"] for c in record["contributors"]) == names
+        assert chain.verify(replay=True).ok
+        record = chain.evaluate("GetRound", devices.task.id, 0, identity=AUDITOR)
+    assert record["status"] == "committed"
+    assert sorted(record["contributors"]) == names
     assert record["samples"] == sum(10 + n for n in range(5))
-    assert record["rejected"] == ({"replayed": kill_after} if kill_after else {})
+    assert record["rejected_by_reason"] == ({"replayed": kill_after} if kill_after else {})
     assert stored_updates(site) == 5
