@@ -30,6 +30,7 @@ lint: setup
 bench: setup broker
 	$(BIN)/fedledger bench aggregate --json
 	$(BIN)/fedledger bench ingest --json
+	$(BIN)/fedledger bench ledger --json
 
 setup: $(STAMP)
 

@@ -60,3 +60,20 @@ def test_ingest_small():
     assert result["delivered"] == 50
     assert result["accepted"] == 50
     assert result["rejected"] == {}
+
+
+def test_ledger_bench_small():
+    from bench.ledger import run
+
+    result = run(batch=10, rounds=3, verify_records=200)
+    assert result["records_anchored"] == 30 and result["verify_records"] == 200
+    for key in (
+        "records_per_s",
+        "sqlite_records_per_s",
+        "ratio_to_sqlite",
+        "verify_s",
+        "verify_replay_s",
+    ):
+        assert math.isfinite(result[key]) and result[key] > 0, key
+    # genesis, 10 registrations, the task, one round opened, then 20 batches of 10 records
+    assert result["verify_blocks"] == 1 + 10 + 1 + 1 + 20
