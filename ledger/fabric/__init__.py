@@ -9,6 +9,7 @@ events; :func:`connect` builds a client from a connection profile (TOML).
 Needs the ``fabric`` extra (``grpcio``, ``hyperledger-fabric-protos``).
 """
 
+from ._backend import FabricLedger
 from ._client import FabricClient
 from ._commit import CommitStatus
 from ._errors import (
@@ -58,6 +59,7 @@ __all__ = [
     "EvaluateError",
     "FabricClient",
     "FabricError",
+    "FabricLedger",
     "Hash",
     "Identity",
     "Proposal",

@@ -168,7 +168,7 @@ def test_the_public_surface():
         "CHANNEL_OPTIONS", "MAX_MESSAGE_BYTES", "ChaincodeEvent", "ChaincodeEventStream",
         "ChaincodeEventsError", "CommitError", "CommitStatus", "CommitStatusError",
         "ConnectionProfile", "EndorseError", "ErrorDetail", "EvaluateError", "FabricClient",
-        "FabricError", "Hash", "Identity", "Proposal", "Signer", "SubmitError", "Transaction",
+        "FabricError", "FabricLedger", "Hash", "Identity", "Proposal", "Signer", "SubmitError", "Transaction",
         "connect", "ecdsa_signer", "load_identity", "load_private_key", "load_profile",
         "load_signer", "open_channel", "sha256",
     }  # fmt: skip
