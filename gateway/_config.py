@@ -32,6 +32,9 @@ class GatewaySection(StrictModel):
     store: Path
     #: SQLite file of the embedded ledger.
     ledger: Path
+    #: A Fabric connection profile (TOML): anchor rounds on a Fabric network instead of the
+    #: embedded ledger. Devices and the task are then registered by an operator.
+    fabric_profile: Path | None = None
     #: Held-out data (``.npz`` with ``x`` and ``y``) to evaluate each new global model.
     evaluation: Path | None = None
     max_message_bytes: Annotated[int, Field(ge=1024, le=256 << 20)] = DEFAULT_MAX_MESSAGE_BYTES
@@ -43,7 +46,9 @@ class GatewaySection(StrictModel):
     #: The address the metrics endpoint listens on; loopback unless a scraper needs more.
     metrics_host: str = "127.0.0.1"
 
-    @field_validator("key", "task", "registry", "store", "ledger", "evaluation", mode="before")
+    @field_validator(
+        "key", "task", "registry", "store", "ledger", "evaluation", "fabric_profile", mode="before"
+    )
     @classmethod
     def _relative_to_file(cls, value, info):
         return None if value is None else resolve_path(value, info)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 
 from prometheus_client import CollectorRegistry
 
@@ -16,7 +17,7 @@ from fedcore import (
     public_key_b64,
     signer_from_key,
 )
-from ledger import EmbeddedLedger, Identity
+from ledger import EmbeddedLedger, Identity, LedgerBackend
 
 from ._config import GatewayConfig
 from ._errors import GatewayError
@@ -49,7 +50,13 @@ def open_gateway(
         )
     metrics = None if g.metrics_port is None else GatewayMetrics(registry=CollectorRegistry())
     store = UpdateStore(g.store)
-    ledger = EmbeddedLedger(g.ledger, signer=signer, public_key=public_key_b64(key))
+    admin: Identity | None = None
+    if g.fabric_profile is not None:
+        ledger = _fabric_ledger(g.fabric_profile)
+    else:
+        ledger = EmbeddedLedger(g.ledger, signer=signer, public_key=public_key_b64(key))
+        # The embedded ledger is the site's own: its operator is the admin who admits devices.
+        admin = Identity(msp_id=g.org, subject="admin", role="admin")
     gateway = Gateway(
         task=task,
         transport=transport,
@@ -62,8 +69,7 @@ def open_gateway(
         on_round=on_round,
         metrics=metrics,
         identity=Identity(msp_id=g.org, subject=g.id, role="gateway"),
-        # The embedded ledger is the site's own: its operator is the admin who admits devices.
-        admin=Identity(msp_id=g.org, subject="admin", role="admin"),
+        admin=admin,
     )
     if metrics is not None and g.metrics_port is not None:
         try:
@@ -72,3 +78,15 @@ def open_gateway(
             gateway.close()
             raise
     return gateway
+
+
+def _fabric_ledger(profile: Path) -> LedgerBackend:
+    try:
+        from ledger.fabric import FabricLedger, connect
+    except ImportError as exc:
+        raise GatewayError(
+            f"fabric_profile is set but the Fabric client is not installed ({exc.name});"
+            " install fedledger[fabric]"
+        ) from None
+    client = connect(profile)
+    return FabricLedger(client)

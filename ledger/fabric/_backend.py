@@ -24,9 +24,8 @@ _REFUSAL = re.compile(r"\b(" + "|".join(CODES) + r"): (.+)")
 
 
 class FabricLedger:
-    def __init__(self, client: FabricClient, *, channel: Any = None):
+    def __init__(self, client: FabricClient):
         self.client = client
-        self._channel = channel
 
     def submit(self, fn: str, *args: Any, identity: Identity | None = None) -> Any:
         try:
@@ -43,8 +42,7 @@ class FabricLedger:
         return _decode(raw)
 
     def close(self) -> None:
-        if self._channel is not None:
-            self._channel.close()
+        self.client.close()
 
 
 def _decode(raw: bytes) -> Any:
