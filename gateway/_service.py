@@ -37,9 +37,9 @@ from fedcore import (
     model_payload,
     model_topic,
     presence_subscription,
+    presence_topic,
     update_subscription,
 )
-from fedcore._topics import PREFIX
 from ledger import ContractError, Identity, LedgerBackend, LedgerError
 
 from ._aggregate import FedAvgAccumulator
@@ -155,7 +155,7 @@ class Gateway:
         self._pending_rejections: list[PendingRejection] = []
         self._open: _OpenRound | None = None
         self._final_hash: str | None = None
-        self._presence_prefix = f"{PREFIX}/{task.id}/presence/"
+        self._presence_prefix = presence_topic(task.id, "")
         if metrics is not None:
             metrics.bind(self)
 
