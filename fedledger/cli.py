@@ -331,6 +331,83 @@ def ledger_device(
     console.print(table)
 
 
+@ledger_app.command("serve-chaincode")
+def ledger_serve_chaincode(
+    address: Annotated[
+        str, typer.Option(help="host:port to listen on; the peer dials it (connection.json).")
+    ] = "0.0.0.0:9999",
+    chaincode_id: Annotated[
+        str,
+        typer.Option(help="The package id the peer gave the installed package (label:sha256)."),
+    ] = "",
+    tls_cert: Annotated[Path | None, typer.Option(help="Server certificate (PEM).")] = None,
+    tls_key: Annotated[Path | None, typer.Option(help="Server private key (PEM).")] = None,
+    client_ca: Annotated[
+        Path | None, typer.Option(help="CA of the peer's client certificates: mutual TLS.")
+    ] = None,
+    max_workers: Annotated[int, typer.Option(min=1, help="Transactions run at once.")] = 16,
+    log_level: LogLevel = "info",
+) -> None:
+    """Serve the fedledger contract as Fabric chaincode-as-a-service until stopped.
+
+    Install the package from `fedledger ledger package-chaincode` on the peers, approve and
+    commit the definition (docs/ledger.md), then run this with the package id.
+    """
+    from ledger.chaincode import serve
+
+    _logging(log_level)
+    if not chaincode_id:
+        raise typer.BadParameter(
+            "the installed package's id is required", param_hint="--chaincode-id"
+        )
+    serve(
+        address,
+        chaincode_id=chaincode_id,
+        tls_cert=tls_cert,
+        tls_key=tls_key,
+        client_ca=client_ca,
+        max_workers=max_workers,
+        on_start=lambda server: err.print(
+            f"chaincode {chaincode_id} listening on {server.address}"
+        ),
+    )
+
+
+@ledger_app.command("package-chaincode")
+def ledger_package_chaincode(
+    out: Annotated[Path, typer.Option(help="Package file, or a folder for <label>.tar.gz.")],
+    address: Annotated[str, typer.Option(help="host:port where the peer reaches the server.")],
+    label: Annotated[str, typer.Option(help="Package label.")] = "fedledger_1.0",
+    tls: Annotated[bool, typer.Option(help="The peer connects over TLS.")] = False,
+    client_auth: Annotated[bool, typer.Option(help="The server requires mutual TLS.")] = False,
+    root_cert: Annotated[Path | None, typer.Option(help="CA of the server certificate.")] = None,
+    client_cert: Annotated[Path | None, typer.Option(help="Peer's client certificate.")] = None,
+    client_key: Annotated[Path | None, typer.Option(help="Peer's client key.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """Build the CCaaS package (connection.json, metadata.json) that
+    `peer lifecycle chaincode install` takes, and print its package id."""
+    from ledger.chaincode import build_package, package_id
+
+    path = build_package(
+        out,
+        label=label,
+        address=address,
+        tls_required=tls,
+        client_auth_required=client_auth,
+        root_cert=root_cert,
+        client_cert=client_cert,
+        client_key=client_key,
+    )
+    result = {"package": str(path), "package_id": package_id(path)}
+    if as_json:
+        sys.stdout.write(json.dumps(result) + "\n")
+    else:
+        console.print(
+            f"package {result['package']}\npackage id {result['package_id']}", highlight=False
+        )
+
+
 # ---------------------------------------------------------------- bench
 @bench_app.command("aggregate")
 def bench_aggregate(

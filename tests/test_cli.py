@@ -157,3 +157,54 @@ def test_history_and_device_commands(tmp_path, mosquitto):
         "ledger", "verify", "--db", db, "--store", str(tmp_path / "work" / "gateway.sqlite")
     )
     assert verify.returncode == 0 and "2 models and 6 updates" in verify.stdout
+
+
+def test_package_and_serve_chaincode(tmp_path):
+    import signal
+    import socket
+    import tarfile
+    import time
+
+    from fedledger._broker import free_port
+
+    done = run(
+        "ledger", "package-chaincode", "--out", str(tmp_path), "--address", "cc.org1:9999", "--json"
+    )
+    assert done.returncode == 0, done.stderr
+    package = json.loads(done.stdout)
+    with tarfile.open(package["package"]) as outer:
+        names = set(outer.getnames())
+        metadata = json.loads(outer.extractfile("metadata.json").read())
+    assert names == {"metadata.json", "code.tar.gz"}
+    assert metadata == {"type": "ccaas", "label": "fedledger_1.0"}
+    assert package["package_id"].startswith("fedledger_1.0:")
+
+    port = free_port()
+    server = subprocess.Popen(
+        [*FEDLEDGER, "ledger", "serve-chaincode", "--address", f"127.0.0.1:{port}",
+         "--chaincode-id", package["package_id"]],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        end = time.monotonic() + 20
+        while time.monotonic() < end:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+                break
+            except OSError:
+                time.sleep(0.1)
+        else:
+            pytest.fail("the chaincode server did not listen")
+        server.send_signal(signal.SIGTERM)
+        out, errors = server.communicate(timeout=20)
+    finally:
+        if server.poll() is None:
+            server.kill()
+            server.communicate()
+    assert server.returncode == 0, errors
+    assert "listening on" in errors and "Traceback" not in errors
+
+
+def test_serve_chaincode_needs_an_id():
+    done = run("ledger", "serve-chaincode")
+    assert done.returncode == 2 and "--chaincode-id" in done.stderr
