@@ -258,9 +258,25 @@ def ledger_verify(
         raise typer.Exit(1)
 
 
-def _evaluate(db: Path, fn: str, *args):
+ProfileOption = Annotated[
+    Path | None,
+    typer.Option(help="Query a Fabric network through this connection profile instead of --db."),
+]
+
+
+def _evaluate(db: Path | None, profile: Path | None, fn: str, *args):
     from ledger import EmbeddedLedger, Identity
 
+    if profile is not None:
+        from ledger.fabric import FabricLedger, connect
+
+        backend = FabricLedger(connect(profile))
+        try:
+            return backend.evaluate(fn, *args)
+        finally:
+            backend.close()
+    if db is None:
+        raise typer.BadParameter("give --db (embedded ledger) or --profile (Fabric)")
     with EmbeddedLedger.open_readonly(db) as chain:
         return chain.evaluate(fn, *args, identity=Identity("auditor", "cli", "auditor"))
 
@@ -268,14 +284,15 @@ def _evaluate(db: Path, fn: str, *args):
 @ledger_app.command("history")
 def ledger_history(
     model_hash: Annotated[str, typer.Argument(help="A global model's hash (SHA-256 hex).")],
-    db: DbOption,
+    db: Annotated[Path | None, typer.Option("--db", help="Embedded ledger file (SQLite).")] = None,
+    profile: ProfileOption = None,
     task: Annotated[str | None, typer.Option(help="The task, when the hash is in several.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
 ) -> None:
     """The lineage of a global model: every round that built it, back to the initial model."""
     from rich.table import Table
 
-    history = _evaluate(db, "GetHistory", model_hash, task)
+    history = _evaluate(db, profile, "GetHistory", model_hash, task)
     if as_json:
         sys.stdout.write(json.dumps(history, indent=2) + "\n")
         return
@@ -299,14 +316,15 @@ def ledger_history(
 @ledger_app.command("device")
 def ledger_device(
     device_id: Annotated[str, typer.Argument(help="The device id.")],
-    db: DbOption,
+    db: Annotated[Path | None, typer.Option("--db", help="Embedded ledger file (SQLite).")] = None,
+    profile: ProfileOption = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
 ) -> None:
     """A device's registration and every accepted update it contributed, by task and round."""
     from rich.table import Table
 
-    device = _evaluate(db, "GetDevice", device_id)
-    contributions = _evaluate(db, "GetDeviceContributions", device_id)
+    device = _evaluate(db, profile, "GetDevice", device_id)
+    contributions = _evaluate(db, profile, "GetDeviceContributions", device_id)
     if as_json:
         out = {"device": device, "contributions": contributions}
         sys.stdout.write(json.dumps(out, indent=2) + "\n")
