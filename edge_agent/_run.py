@@ -7,7 +7,6 @@ from prometheus_client import CollectorRegistry
 from fedcore import (
     ConfigError,
     Message,
-    MqttSettings,
     MqttTransport,
     Transport,
     Will,
@@ -38,10 +37,7 @@ def open_agent(
     if transport is None:
         presence = presence_topic(task.id, a.device)
         transport = MqttTransport(
-            MqttSettings(
-                host=config.broker.host,
-                port=config.broker.port,
-                keepalive=config.broker.keepalive,
+            config.broker.mqtt_settings(
                 client_id=f"agent-{a.device}",
                 will=Will(presence, b"offline"),
                 online=Message(presence, b"online", retain=True),

@@ -7,9 +7,10 @@ import sys
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from ._errors import ConfigError
+from ._transport import MqttSettings
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -31,6 +32,28 @@ class BrokerSection(StrictModel):
     host: str = "127.0.0.1"
     port: Annotated[int, Field(ge=1, le=65535)] = 1883
     keepalive: Annotated[int, Field(ge=5, le=3600)] = 30
+    #: Mutual TLS (``fedledger pki``): the CA the broker's certificate chains to, and this
+    #: client's certificate and key. Setting them switches TLS on.
+    tls_ca: Path | None = None
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+
+    @field_validator("tls_ca", "tls_cert", "tls_key", mode="before")
+    @classmethod
+    def _relative_to_file(cls, value: Any, info: Any) -> Path | None:
+        return None if value is None else resolve_path(value, info)
+
+    def mqtt_settings(self, **more: Any) -> MqttSettings:
+        """The transport settings for this section (plus client id, will...)."""
+        return MqttSettings(
+            host=self.host,
+            port=self.port,
+            keepalive=self.keepalive,
+            tls_ca=self.tls_ca,
+            tls_cert=self.tls_cert,
+            tls_key=self.tls_key,
+            **more,
+        )
 
 
 def load_config(path: str | os.PathLike[str], model: type[T]) -> T:

@@ -2,17 +2,27 @@
 
 Callbacks never block and never publish: they hand every message to a queue that the
 owner's own thread drains, as paho's threading model requires.
+
+With ``tls_ca``/``tls_cert``/``tls_key`` set, the MQTT connection is mutual TLS: the broker's
+certificate must chain to the organisation CA and name the host connected to, and the client
+proves its identity (its certificate's CN) with its own key.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import queue
+import ssl
+import sys
 import threading
 from dataclasses import dataclass, field
-from typing import Protocol
+from pathlib import Path
+from typing import Any, Protocol
 
 import paho.mqtt.client as mqtt
+
+from ._errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -61,17 +71,116 @@ class MqttSettings:
     max_inflight: int = 100
     will: Will | None = None
     online: Message | None = None  # published (retained) after every connect
+    #: Mutual TLS: the CA the broker's certificate must chain to (PEM). Setting any of the
+    #: three switches TLS on; ``tls_cert`` and ``tls_key`` go together.
+    tls_ca: str | os.PathLike[str] | None = None
+    #: This client's certificate (PEM); its CN is the MQTT identity the broker uses.
+    tls_cert: str | os.PathLike[str] | None = None
+    #: This client's private key (PEM, unencrypted).
+    tls_key: str | os.PathLike[str] | None = None
+
+    @property
+    def tls(self) -> bool:
+        return any(p is not None for p in (self.tls_ca, self.tls_cert, self.tls_key))
+
+
+def tls_context(settings: MqttSettings) -> ssl.SSLContext:
+    """A client context: TLS 1.2+, the broker's certificate and host name checked.
+
+    Each file is loaded on its own, so an unreadable or wrong file is named in the error
+    (a :class:`ConfigError`) instead of surfacing later as a failed connection.
+    """
+    if (settings.tls_cert is None) != (settings.tls_key is None):
+        missing = "tls_key" if settings.tls_key is None else "tls_cert"
+        raise ConfigError("a client certificate needs both tls_cert and tls_key", key=missing)
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)  # CERT_REQUIRED, check_hostname
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.sslsocket_class = _ClosingSSLSocket
+    if settings.tls_ca is None:
+        context.load_default_certs()
+    else:
+        _readable(settings.tls_ca, "tls_ca")
+        try:
+            context.load_verify_locations(cafile=os.fspath(settings.tls_ca))
+        except (ssl.SSLError, ValueError) as exc:
+            raise ConfigError(
+                f"not a PEM CA certificate ({exc})", file=os.fspath(settings.tls_ca), key="tls_ca"
+            ) from None
+    if settings.tls_cert is not None and settings.tls_key is not None:
+        _readable(settings.tls_cert, "tls_cert")
+        _readable(settings.tls_key, "tls_key")
+        try:
+            context.load_cert_chain(os.fspath(settings.tls_cert), os.fspath(settings.tls_key))
+        except (ssl.SSLError, ValueError) as exc:
+            raise ConfigError(
+                f"certificate and key are not a PEM pair that belongs together ({exc})",
+                file=os.fspath(settings.tls_cert),
+                key="tls_cert",
+            ) from None
+    return context
+
+
+class _ClosingSSLSocket(ssl.SSLSocket):
+    """Closes itself when the handshake fails: paho 2.x drops the socket without closing it
+    (a file descriptor per refused attempt until the garbage collector runs, and a
+    ResourceWarning), and a refused client retries for as long as it runs."""
+
+    def do_handshake(self, block: bool = False) -> None:
+        try:
+            super().do_handshake(block)
+        except BaseException:
+            self.close()
+            raise
+
+
+def _readable(path: str | os.PathLike[str], key: str) -> None:
+    try:
+        with Path(path).open("rb"):
+            pass
+    except OSError as exc:
+        raise ConfigError(f"cannot read: {exc.strerror}", file=os.fspath(path), key=key) from None
+
+
+class _PahoLog(logging.LoggerAdapter):
+    """paho's logger: forwards to ours and keeps the last error (a TLS alert, a reset), which
+    paho reports nowhere else when a connection dies before the broker accepted it.
+
+    paho's errors are network events the transport recovers from by reconnecting: they are
+    logged as warnings.
+    """
+
+    def __init__(self, logger: logging.Logger, transport: MqttTransport):
+        super().__init__(logger, {})
+        self._transport = transport
+
+    def log(self, level: int, msg: Any, *args: Any, **kwargs: Any) -> None:
+        if level >= logging.ERROR:
+            text = str(msg) % args if args else str(msg)
+            if not text.startswith("Client is not connected"):  # paho's idle loop, not a cause
+                self._transport._last_socket_error = text
+            level = logging.WARNING
+        super().log(level, msg, *args, **kwargs)
 
 
 class MqttTransport:
-    """A paho-mqtt 2.x client that reconnects by itself and queues what it receives."""
+    """A paho-mqtt 2.x client that reconnects by itself and queues what it receives.
+
+    ``last_error`` says why the latest connection attempt failed (refused by the broker, TLS
+    handshake failed, closed before the broker accepted it) and is None once connected; paho
+    keeps retrying in the background, so ``wait_connected`` returning False plus
+    ``last_error`` is how a caller tells "refused" from "not yet".
+    """
 
     def __init__(self, settings: MqttSettings, *, max_queue: int = 0):
         self.settings = settings
         self.messages: queue.Queue[Message] = queue.Queue(maxsize=max_queue)
+        self.last_error: str | None = None
+        self._last_socket_error: str | None = None
         self._subscriptions: dict[str, int] = {}
         self._lock = threading.Lock()
         self._connected = threading.Event()
+        self._stopping = False
+        context = tls_context(settings) if settings.tls else None
         client = mqtt.Client(
             mqtt.CallbackAPIVersion.VERSION2,
             client_id=settings.client_id,
@@ -84,7 +193,13 @@ class MqttTransport:
             client.will_set(
                 settings.will.topic, settings.will.payload, qos=1, retain=settings.will.retain
             )
+        if context is not None:
+            client.tls_set_context(context)
+        # paho calls only .log() on its logger: an adapter will do.
+        paho_log = _PahoLog(logging.getLogger(f"{__name__}.paho"), self)
+        client.enable_logger(paho_log)  # type: ignore[arg-type]
         client.on_connect = self._on_connect
+        client.on_connect_fail = self._on_connect_fail
         client.on_disconnect = self._on_disconnect
         client.on_message = self._on_message
         self._client = client
@@ -94,6 +209,7 @@ class MqttTransport:
         return self._connected.is_set()
 
     def start(self) -> None:
+        self._stopping = False
         s = self.settings
         self._client.connect_async(s.host, s.port, keepalive=s.keepalive)
         self._client.loop_start()
@@ -122,6 +238,7 @@ class MqttTransport:
             raise ConnectionError(f"publish to {topic} not acknowledged within {timeout} s")
 
     def stop(self) -> None:
+        self._stopping = True
         self._client.disconnect()
         self._client.loop_stop()
         self._connected.clear()
@@ -129,8 +246,11 @@ class MqttTransport:
     # paho callbacks: run on paho's thread, must not block.
     def _on_connect(self, client, userdata, flags, reason_code, properties) -> None:
         if reason_code.is_failure:
+            self.last_error = f"broker refused the connection: {reason_code}"
             log.warning("broker refused connection: %s", reason_code)
             return
+        self.last_error = None
+        self._last_socket_error = None
         with self._lock:
             subscriptions = list(self._subscriptions.items())
         if subscriptions:
@@ -141,7 +261,21 @@ class MqttTransport:
         self._connected.set()
         log.debug("connected to %s:%s", self.settings.host, self.settings.port)
 
+    def _on_connect_fail(self, client, userdata) -> None:
+        # paho calls this inside its ``except OSError`` block: the exception is the reason
+        # (connection refused, TLS handshake or certificate verification failure).
+        exc = sys.exc_info()[1]
+        self.last_error = f"cannot connect to {self.settings.host}:{self.settings.port}: {exc}"
+        log.debug("%s", self.last_error)
+
     def _on_disconnect(self, client, userdata, flags, reason_code, properties) -> None:
+        if not self._connected.is_set() and not self._stopping:
+            # Closed before the broker accepted us: with TLS 1.3 a rejected client
+            # certificate shows up here, after the handshake seemed to succeed.
+            detail = self._last_socket_error or str(reason_code)
+            if self.last_error is None or self._last_socket_error is not None:
+                self.last_error = f"connection closed before the broker accepted it: {detail}"
+            self._last_socket_error = None
         self._connected.clear()
         log.debug("disconnected: %s", reason_code)
 

@@ -20,8 +20,9 @@ from fedcore import accuracy, init_params, load_task, train
 from gateway import RoundResult, UpdateStore, load_gateway_config, open_gateway
 from ledger import EmbeddedLedger
 
-from ._broker import MosquittoBroker
+from ._broker import MosquittoBroker, SecureBrokerFiles, free_port
 from ._datasets import load_dataset
+from ._pki import ca_cert_path, crl_path
 from ._provision import Layout, TaskOptions, provision
 
 log = logging.getLogger(__name__)
@@ -37,6 +38,7 @@ class DemoOptions:
     json_path: Path | None = None
     plot: bool = True
     agents: str = "process"  # or "thread": agents inside this process (faster start)
+    secure: bool = False  # mutual TLS with an organisation CA and a per-device ACL
     task: TaskOptions = field(default_factory=TaskOptions)
 
 
@@ -128,19 +130,33 @@ def run_demo(
     started = time.monotonic()
     dataset = load_dataset(seed=options.seed)
     root = options.workdir.resolve()
-    with MosquittoBroker() as broker:
-        status(f"Mosquitto listening on {broker.host}:{broker.port}")
-        layout = provision(
-            root,
-            dataset,
-            devices=options.devices,
-            alpha=options.alpha,
-            seed=options.seed,
-            options=TaskOptions(**{**options.task.__dict__, "rounds": options.rounds}),
-            broker_host=broker.host,
-            broker_port=broker.port,
+    host, port = "127.0.0.1", free_port()
+    layout = provision(
+        root,
+        dataset,
+        devices=options.devices,
+        alpha=options.alpha,
+        seed=options.seed,
+        options=TaskOptions(**{**options.task.__dict__, "rounds": options.rounds}),
+        broker_host=host,
+        broker_port=port,
+        secure=options.secure,
+    )
+    status(f"provisioned {options.devices} devices under {root}")
+    secure = None
+    if layout.pki is not None:
+        secure = SecureBrokerFiles(
+            ca=ca_cert_path(layout.pki),
+            server_cert=layout.pki / "brokers" / "broker.pem",
+            server_key=layout.pki / "brokers" / "broker.key",
+            devices=sorted(layout.agent_configs),
+            gateways=["gateway"],
+            tasks=[options.task.task_id],
+            crl=crl_path(layout.pki),
         )
-        status(f"provisioned {options.devices} devices under {root}")
+    with MosquittoBroker(host=host, port=port, secure=secure) as broker:
+        tls = " (mutual TLS, per-device ACL)" if secure else ""
+        status(f"Mosquitto listening on {broker.host}:{broker.port}{tls}")
         gateway = open_gateway(load_gateway_config(layout.gateway_config), on_round=on_round)
         agents = _Agents(layout, options.agents)
         grace = 0.0  # on an error or Ctrl-C, stop the agents at once
@@ -176,6 +192,7 @@ def run_demo(
         "seed": options.seed,
         "codec": options.task.codec,
         "model": options.task.model,
+        "secure": options.secure,
         "device_samples": layout.device_samples,
         "device_labels": layout.device_labels,
         "rounds": [

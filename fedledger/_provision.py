@@ -14,6 +14,7 @@ from fedcore import generate_key, public_key_b64, save_private_key
 from gateway import DeviceRegistry
 
 from ._datasets import Dataset, dirichlet_partition
+from ._pki import ca_cert_path, init_ca, issue
 
 
 @dataclass(frozen=True)
@@ -27,6 +28,7 @@ class Layout:
     gateway_public_key: str
     device_samples: dict[str, int]
     device_labels: dict[str, list[int]]
+    pki: Path | None = None
 
 
 @dataclass(frozen=True)
@@ -57,11 +59,18 @@ def provision(
     options: TaskOptions,
     broker_host: str,
     broker_port: int,
+    secure: bool = False,
 ) -> Layout:
+    """Write the site. ``secure`` adds an organisation CA under ``pki/`` with a certificate
+    for the broker, the gateway and each device, and mutual TLS in every broker section."""
     if root.exists():
         shutil.rmtree(root)
     for sub in ("keys", "devices"):
         (root / sub).mkdir(parents=True)
+    pki = root / "pki"
+    if secure:
+        init_ca(pki, "fedledger demo site")
+        issue(pki, "broker", "broker", dns=("localhost",), ips=(broker_host,))
 
     # The task owner's reference statistics come from the gateway's held-out data,
     # never from any device.
@@ -90,7 +99,15 @@ def provision(
     gateway_key = generate_key()
     save_private_key(gateway_key, root / "keys" / "gateway.pem")
     gateway_pub = public_key_b64(gateway_key)
-    broker = {"host": broker_host, "port": broker_port}
+
+    def broker(kind: str, name: str) -> dict[str, object]:
+        section: dict[str, object] = {"host": broker_host, "port": broker_port}
+        if secure:
+            done = issue(pki, kind, name)
+            section.update(
+                tls_ca=str(ca_cert_path(pki)), tls_cert=str(done.cert), tls_key=str(done.key)
+            )
+        return section
 
     np.savez(root / "holdout.npz", x=dataset.x_test, y=dataset.y_test)
     parts = dirichlet_partition(dataset.y_train, devices, alpha=alpha, seed=seed)
@@ -118,7 +135,7 @@ def provision(
                 "state": "state.json",
                 "exit_on_final": True,
             },
-            "broker": broker,
+            "broker": broker("device", device),
         }
         agent_configs[device] = home / "agent.toml"
         agent_configs[device].write_text(tomli_w.dumps(config))
@@ -137,7 +154,7 @@ def provision(
                     "ledger": "ledger.sqlite",
                     "evaluation": "holdout.npz",
                 },
-                "broker": broker,
+                "broker": broker("gateway", "gateway"),
             }
         )
     )
@@ -151,4 +168,5 @@ def provision(
         gateway_public_key=gateway_pub,
         device_samples=samples,
         device_labels=labels,
+        pki=pki if secure else None,
     )

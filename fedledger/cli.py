@@ -6,6 +6,7 @@ ledger) into one line on stderr and a non-zero exit code: no tracebacks.
 
 from __future__ import annotations
 
+import enum
 import json
 import logging
 import signal
@@ -17,7 +18,7 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
-from fedcore import FedledgerError
+from fedcore import DEFAULT_MAX_MESSAGE_BYTES, FedledgerError
 
 from . import __version__
 
@@ -99,6 +100,14 @@ def demo(
         str, typer.Option(help="process: one OS process per agent; thread: all in this process.")
     ] = "process",
     plot: Annotated[bool, typer.Option(help="Write a PNG of accuracy per round.")] = True,
+    secure: Annotated[
+        bool,
+        typer.Option(
+            help="Mutual TLS: an organisation CA, a certificate per device and gateway, and a"
+            " broker that accepts only TLS clients and lets each device publish only its own"
+            " topics."
+        ),
+    ] = False,
     quiet: Annotated[
         bool, typer.Option("--quiet", "-q", help="Print only the final summary.")
     ] = False,
@@ -132,6 +141,7 @@ def demo(
         json_path=json_path,
         plot=plot,
         agents=agents,
+        secure=secure,
         task=TaskOptions(rounds=rounds, codec=codec, model=model, epochs=epochs, lr=lr),
     )
     table = RoundTable(console, rounds=rounds, devices=devices, enabled=not quiet)
@@ -424,6 +434,193 @@ def ledger_package_chaincode(
         console.print(
             f"package {result['package']}\npackage id {result['package_id']}", highlight=False
         )
+
+
+# ---------------------------------------------------------------- pki and broker (issue 4)
+# Module level, next to the other sub-apps (needs: `import enum` at the top of cli.py).
+pki_app = typer.Typer(
+    help="The organisation's certificate authority. Idempotent; --json for scripts.",
+    no_args_is_help=True,
+)
+broker_app = typer.Typer(help="Mosquitto configuration for production.", no_args_is_help=True)
+app.add_typer(pki_app, name="pki")
+app.add_typer(broker_app, name="broker")
+
+
+class CertKind(str, enum.Enum):
+    device = "device"
+    gateway = "gateway"
+    broker = "broker"
+
+
+PkiDir = Annotated[
+    Path, typer.Option("--dir", help="The CA directory (created by 'pki init').", show_default=True)
+]
+JsonFlag = Annotated[bool, typer.Option("--json", help="Print the result as JSON.")]
+
+
+def _report(result: dict, as_json: bool, line: str) -> None:
+    """One JSON object (with "changed", for Ansible) or one human line; never key material."""
+    if as_json:
+        sys.stdout.write(json.dumps(result, indent=2, sort_keys=True) + "\n")
+    else:
+        console.print(line, highlight=False, soft_wrap=True)
+
+
+@pki_app.command("init")
+def pki_init(
+    org: Annotated[str, typer.Option(help="The organisation (O) of every certificate.")],
+    directory: PkiDir = Path("pki"),
+    days: Annotated[int, typer.Option(min=1, help="CA validity in days.")] = 3650,
+    as_json: JsonFlag = False,
+) -> None:
+    """Create the organisation CA (EC P-256), or report the one already there.
+
+    An existing CA is never overwritten; a different --org than the existing CA's is an error.
+    """
+    from ._pki import init_ca
+
+    ca = init_ca(directory, org, days=days)
+    verb = "created" if ca.created else "exists"
+    _report(
+        ca.to_dict(),
+        as_json,
+        f"CA {verb}: {ca.org}, {ca.cert} (key {ca.key}, 0600), valid until"
+        f" {ca.not_after:%Y-%m-%d}, sha256 {ca.fingerprint[:16]}",
+    )
+
+
+@pki_app.command("issue")
+def pki_issue(
+    kind: Annotated[CertKind, typer.Argument(help="device, gateway or broker.")],
+    name: Annotated[str, typer.Argument(help="The device or gateway id (the certificate CN).")],
+    directory: PkiDir = Path("pki"),
+    days: Annotated[int, typer.Option(min=1, help="Validity in days.")] = 365,
+    dns: Annotated[
+        list[str] | None, typer.Option("--dns", help="Broker only: a host name clients use.")
+    ] = None,
+    ip: Annotated[
+        list[str] | None, typer.Option("--ip", help="Broker only: an address clients use.")
+    ] = None,
+    rotate: Annotated[
+        bool,
+        typer.Option(
+            "--rotate",
+            help="Issue a new key and certificate even if the current one is valid (or revoked).",
+        ),
+    ] = False,
+    as_json: JsonFlag = False,
+) -> None:
+    """Issue a certificate (CN=NAME, OU=KIND, O=org) and its key (0600), unless a valid one
+    exists. Prints where they are, never the key."""
+    from ._pki import issue
+
+    done = issue(directory, kind.value, name, days=days, dns=dns or (), ips=ip or (), rotate=rotate)
+    _report(
+        done.to_dict(),
+        as_json,
+        f"{done.kind} {done.name}: {done.action}, {done.cert} (key {done.key}, 0600),"
+        f" serial {done.serial:x}, valid until {done.not_after:%Y-%m-%d}",
+    )
+
+
+@pki_app.command("revoke")
+def pki_revoke(
+    name: Annotated[str, typer.Argument(help="The device or gateway id.")],
+    directory: PkiDir = Path("pki"),
+    superseded: Annotated[
+        bool,
+        typer.Option(
+            "--superseded", help="Revoke only certificates a rotation replaced; keep the current."
+        ),
+    ] = False,
+    as_json: JsonFlag = False,
+) -> None:
+    """Revoke NAME's certificates and rewrite crl.pem; reload the broker to apply it."""
+    from ._pki import revoke
+
+    done = revoke(directory, name, superseded_only=superseded)
+    what = f"revoked {len(done.revoked)} certificate(s)" if done.revoked else "already revoked"
+    _report(done.to_dict(), as_json, f"{name}: {what}; CRL {done.crl}")
+
+
+@pki_app.command("crl")
+def pki_crl(
+    directory: PkiDir = Path("pki"),
+    days: Annotated[int, typer.Option(min=1, help="Days until the CRL's next update.")] = 30,
+    as_json: JsonFlag = False,
+) -> None:
+    """Re-sign the CRL with a fresh validity (run it regularly: an expired CRL locks everyone
+    out of the broker)."""
+    from ._pki import refresh_crl
+
+    path = refresh_crl(directory, crl_days=days)
+    _report({"crl": str(path), "changed": True}, as_json, f"CRL refreshed: {path}")
+
+
+@broker_app.command("config")
+def broker_config(
+    out: Annotated[Path, typer.Option("--out", help="Where to write mosquitto.conf and acl.")],
+    task: Annotated[list[str], typer.Option("--task", help="A task id (repeat for several).")],
+    pki: Annotated[
+        Path, typer.Option("--pki", help="The CA directory ('pki init').", show_default=True)
+    ] = Path("pki"),
+    registry: Annotated[
+        Path | None,
+        typer.Option(help="The device registry (registry.json): every device in it gets rights."),
+    ] = None,
+    device: Annotated[
+        list[str] | None, typer.Option("--device", help="A device id (repeat; adds to --registry).")
+    ] = None,
+    gateway: Annotated[
+        list[str] | None, typer.Option("--gateway", help="A gateway id (repeat).")
+    ] = None,
+    broker_name: Annotated[
+        str, typer.Option(help="The broker certificate's name in the CA directory.")
+    ] = "broker",
+    host: Annotated[str, typer.Option(help="Address to listen on.")] = "0.0.0.0",
+    port: Annotated[int, typer.Option(min=1, max=65535, help="TLS port.")] = 8883,
+    crl: Annotated[bool, typer.Option(help="Refuse revoked certificates (crlfile).")] = True,
+    persistence: Annotated[
+        Path | None, typer.Option(help="Keep sessions and queued messages here across restarts.")
+    ] = None,
+    max_message_bytes: Annotated[
+        int, typer.Option(min=1024, help="Largest message, as the gateway's max_message_bytes.")
+    ] = DEFAULT_MAX_MESSAGE_BYTES,
+    as_json: JsonFlag = False,
+) -> None:
+    """Write a production Mosquitto config: mutual TLS only, certificate CN as identity, and
+    an ACL from the registry (each device publishes only its own update and presence topics
+    and reads only its task's model; gateways read updates and publish the model)."""
+    from gateway import DeviceRegistry
+
+    from ._broker_config import write_broker_config
+    from ._pki import ca_cert_path, certificate_paths, crl_path
+
+    devices = list(DeviceRegistry.load(registry)) if registry is not None else []
+    devices += device or []
+    server_cert, server_key = certificate_paths(pki, "broker", broker_name)
+    files = write_broker_config(
+        out,
+        ca=ca_cert_path(pki),
+        server_cert=server_cert,
+        server_key=server_key,
+        crl=crl_path(pki) if crl else None,
+        port=port,
+        host=host,
+        devices=devices,
+        gateways=gateway or ["gateway"],
+        tasks=task,
+        persistence_dir=persistence,
+        max_message_bytes=max_message_bytes,
+    )
+    _report(
+        {**files.to_dict(), "changed": True},
+        as_json,
+        f"wrote {files.config} and {files.acl}: {len(files.devices)} devices,"
+        f" {len(files.gateways)} gateways, {len(files.tasks)} tasks;"
+        f" run 'mosquitto -c {files.config}'",
+    )
 
 
 # ---------------------------------------------------------------- bench

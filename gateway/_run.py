@@ -8,7 +8,6 @@ from pathlib import Path
 from prometheus_client import CollectorRegistry
 
 from fedcore import (
-    MqttSettings,
     MqttTransport,
     Transport,
     load_local_data,
@@ -41,12 +40,7 @@ def open_gateway(
     evaluation = load_local_data(g.evaluation) if g.evaluation is not None else None
     if transport is None:
         transport = MqttTransport(
-            MqttSettings(
-                host=config.broker.host,
-                port=config.broker.port,
-                keepalive=config.broker.keepalive,
-                client_id=f"gateway-{g.id}",
-            ),
+            config.broker.mqtt_settings(client_id=f"gateway-{g.id}"),
         )
     metrics = None if g.metrics_port is None else GatewayMetrics(registry=CollectorRegistry())
     store = UpdateStore(g.store)

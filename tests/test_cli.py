@@ -208,3 +208,37 @@ def test_package_and_serve_chaincode(tmp_path):
 def test_serve_chaincode_needs_an_id():
     done = run("ledger", "serve-chaincode")
     assert done.returncode == 2 and "--chaincode-id" in done.stderr
+
+
+@pytest.mark.mqtt
+def test_secure_demo_runs_over_mutual_tls(tmp_path):
+    report_path = tmp_path / "report.json"
+    done = run(
+        "demo", "--secure", "--devices", "3", "--rounds", "2", "--agents", "thread", "--no-plot",
+        "--json", str(report_path), "--workdir", str(tmp_path / "work"), cwd=tmp_path,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr + done.stdout
+    report = json.loads(report_path.read_text())
+    assert report["secure"] is True and report["ledger_verified"] is True
+    assert [r["participants"] for r in report["rounds"]] == [3, 3]
+    agent = (tmp_path / "work" / "devices" / "device-01" / "agent.toml").read_text()
+    assert "tls_cert" in agent and "device-01.pem" in agent
+    assert "mutual TLS" in done.stdout
+
+
+def test_pki_commands_are_idempotent_and_scriptable(tmp_path):
+    pki = str(tmp_path / "pki")
+    first = run("pki", "init", "--org", "Hospital", "--dir", pki, "--json")
+    again = run("pki", "init", "--org", "Hospital", "--dir", pki, "--json")
+    assert first.returncode == again.returncode == 0, first.stderr
+    assert json.loads(first.stdout)["changed"] is True
+    assert json.loads(again.stdout)["changed"] is False
+    issued = run("pki", "issue", "device", "dev-7", "--dir", pki, "--json")
+    assert issued.returncode == 0, issued.stderr
+    body = json.loads(issued.stdout)
+    assert body["action"] == "issued" and "PRIVATE KEY" not in issued.stdout
+    assert (tmp_path / "pki" / "devices" / "dev-7.key").stat().st_mode & 0o777 == 0o600
+    revoked = run("pki", "revoke", "dev-7", "--dir", pki, "--json")
+    assert revoked.returncode == 0 and json.loads(revoked.stdout)["changed"] is True
+    other = run("pki", "init", "--org", "Elsewhere", "--dir", pki)
+    assert other.returncode == 2 and "ca.pem" in other.stderr and "Traceback" not in other.stderr
