@@ -22,6 +22,25 @@ Three figures, each the best of ``repeats`` runs (``time.perf_counter``), all on
 The results are checked against a float64 sample-weighted mean computed with
 ``np.average`` (independent of fedcore and gateway), column block by column block so that
 no float64 copy of the whole matrix is ever held.
+
+The rules that need every update at once, on the same ``(N, M)`` matrix (adopted by a
+``gateway`` ``UpdateMatrix`` without a copy, as the gateway fills one while updates
+arrive), each beside the operation it must be compared with, measured in the same run:
+
+``sort_axis0_s``
+    ``np.sort(matrix, axis=0)``: what a sort-based coordinate-wise median or trimmed mean
+    would do. Its result is also the reference the two rules are checked against.
+``median_s``, ``trimmed_mean_s``
+    The coordinate-wise median and the trimmed mean (beta 0.1), including unflattening
+    the result into a params dict. Goal: at most 0.7x ``sort_axis0_s``.
+``krum_distances_s``
+    Multi-Krum's pairwise squared distances (``gateway`` ``pairwise_sq_distances``: one
+    Gram matrix product plus O(N^2) work), beside ``matmul_s``, the bare BLAS product
+    ``matrix @ matrix.T`` of the same shapes. Checked against float64 distances of a few
+    row pairs computed directly.
+
+Everything runs with BLAS held to one thread (``threadpoolctl``), as the FedAvg figures
+do: the ratios compare like with like on one core.
 """
 
 from __future__ import annotations
@@ -30,6 +49,7 @@ import numpy as np
 
 from fedcore import encode_tensors, iter_tensors
 from gateway import FedAvgAccumulator
+from gateway._robust import UpdateMatrix, coordinate_median, pairwise_sq_distances, trimmed_mean
 
 from ._timing import best_of, sig
 
@@ -54,10 +74,21 @@ def _max_abs_error(result: np.ndarray, reference: np.ndarray) -> float:
     return float(np.max(np.abs(result.astype(np.float64) - reference)))
 
 
+_TRIM_BETA = 0.1
+
+
 def run(*, devices: int = 100, params: int = 1_000_000, repeats: int = 3) -> dict:
-    """Time FedAvg of ``devices`` updates of ``params`` float32 values against the floor."""
+    """Time FedAvg of ``devices`` updates of ``params`` float32 values against the floor,
+    and the robust rules against the sort and the matrix product they replace."""
     if devices < 1 or params < 1 or repeats < 1:
         raise ValueError("devices, params and repeats must be at least 1")
+    from threadpoolctl import threadpool_limits
+
+    with threadpool_limits(limits=1, user_api="blas"):
+        return _run(devices, params, repeats)
+
+
+def _run(devices: int, params: int, repeats: int) -> dict:
     rng = np.random.default_rng(_SEED)
     matrix = rng.standard_normal((devices, params), dtype=np.float32)
     matrix *= np.float32(_UPDATE_SCALE)
@@ -98,6 +129,9 @@ def run(*, devices: int = 100, params: int = 1_000_000, repeats: int = 3) -> dic
     reference = _reference(matrix, samples)
     error_f32 = _max_abs_error(f32_result, reference)
     error_int8 = _max_abs_error(int8_result, reference)
+    del reference
+
+    robust = _robust_rules(matrix, counts, repeats)
 
     return {
         "bench": "aggregate",
@@ -112,5 +146,44 @@ def run(*, devices: int = 100, params: int = 1_000_000, repeats: int = 3) -> dic
         "ratio_int8_to_floor": sig(int8_s / floor_s, 3),
         "max_abs_error_f32": sig(error_f32, 3),
         "max_abs_error_int8": sig(error_int8, 3),
+        **robust,
         "repeats": repeats,
+    }
+
+
+def _robust_rules(matrix: np.ndarray, counts: list[int], repeats: int) -> dict:
+    """Median, trimmed mean and Krum distances vs. np.sort and one matrix product."""
+    n = len(matrix)
+    updates = UpdateMatrix.from_rows(matrix, counts, {_NAME: (matrix.shape[1],)})
+
+    sort_s, ordered = best_of(lambda: np.sort(matrix, axis=0), repeats)
+    median_s, median = best_of(lambda: coordinate_median(updates)[_NAME], repeats)
+    trimmed_s, trimmed = best_of(lambda: trimmed_mean(updates, beta=_TRIM_BETA)[_NAME], repeats)
+
+    lo, hi = (n - 1) // 2, n // 2
+    median_ref = 0.5 * (ordered[lo].astype(np.float64) + ordered[hi])
+    k = int(np.floor(_TRIM_BETA * n + 1e-9))
+    trimmed_ref = np.mean(ordered[k : n - k], axis=0, dtype=np.float64)
+    del ordered
+
+    matmul_s, _ = best_of(lambda: matrix @ matrix.T, repeats)
+    dist_s, dist = best_of(lambda: pairwise_sq_distances(matrix), repeats)
+    dist_error = 0.0
+    for i in range(min(n, 5)) if n > 1 else ():
+        j = (i + 1 + 7 * i % (n - 1)) % n  # another row, spread over the matrix
+        exact = float(np.sum((matrix[i].astype(np.float64) - matrix[j]) ** 2))
+        dist_error = max(dist_error, abs(dist[i, j] - exact) / max(exact, 1e-30))
+
+    return {
+        "sort_axis0_s": sig(sort_s),
+        "median_s": sig(median_s),
+        "trimmed_mean_s": sig(trimmed_s),
+        "ratio_median_to_sort": sig(median_s / sort_s, 3),
+        "ratio_trimmed_mean_to_sort": sig(trimmed_s / sort_s, 3),
+        "max_abs_error_median": sig(_max_abs_error(median, median_ref), 3),
+        "max_abs_error_trimmed_mean": sig(_max_abs_error(trimmed, trimmed_ref), 3),
+        "matmul_s": sig(matmul_s),
+        "krum_distances_s": sig(dist_s),
+        "ratio_krum_distances_to_matmul": sig(dist_s / matmul_s, 3),
+        "max_rel_error_krum_distances": sig(dist_error, 3),
     }

@@ -18,7 +18,9 @@ import numpy as np
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from fedcore import (
+    DEFAULT_K_FRACTION,
     TYPE_MODEL,
+    DeviceClass,
     FedledgerError,
     Message,
     ModelHeader,
@@ -28,11 +30,13 @@ from fedcore import (
     Transport,
     UpdateHeader,
     WireError,
+    check_task_fits,
     decode_envelope,
     decode_tensors,
     encode_tensors,
     encode_update,
     model_topic,
+    topk_with_feedback,
     train,
     update_topic,
     verify_signature,
@@ -90,7 +94,14 @@ class EdgeAgent:
         state_path: Path | None = None,
         seed: int = 0,
         metrics: AgentMetrics | None = None,
+        device_class: DeviceClass | None = None,
     ):
+        """``device_class`` (from ``firmware_configs/``) sets the update codec, local epochs
+        and batch size for this board and is checked against the task: a task whose model
+        does not fit the board is refused here, before anything is downloaded or trained."""
+        if device_class is not None:
+            check_task_fits(device_class, task)
+        self.device_class = device_class
         self.device = device
         self.task = task
         self.spec = task.model_spec()
@@ -112,6 +123,15 @@ class EdgeAgent:
         self.metrics = metrics
         if metrics is not None:
             metrics.bind(self)
+        t = task.training
+        self.codec = task.codec if device_class is None else device_class.codec
+        self.epochs = t.epochs if device_class is None else device_class.local_epochs
+        self.batch_size = t.batch_size if device_class is None else device_class.batch_size
+        self.k_fraction = DEFAULT_K_FRACTION
+        if device_class is not None and device_class.topk_fraction is not None:
+            self.k_fraction = device_class.topk_fraction
+        #: What top-k left out of earlier updates, added back next round (error feedback).
+        self.residual: dict[str, np.ndarray] | None = None
 
     def start(self) -> None:
         self.transport.subscribe(model_topic(self.task.id), 1)
@@ -154,7 +174,6 @@ class EdgeAgent:
         self._train_and_send(header, decode_tensors(envelope.payload))
 
     def _train_and_send(self, header: ModelHeader, global_params) -> None:
-        t = self.task.training
         seed = int.from_bytes(
             hashlib.sha256(f"{self._seed}/{self.device}/{header.round}".encode()).digest()[:8],
             "big",
@@ -162,12 +181,16 @@ class EdgeAgent:
         started = time.perf_counter()
         local = train(
             self.spec, global_params, self.x, self.y,
-            epochs=t.epochs, batch_size=t.batch_size, lr=t.lr, seed=seed,
+            epochs=self.epochs, batch_size=self.batch_size, lr=self.task.training.lr, seed=seed,
         )  # fmt: skip
         if self.metrics is not None:
             self.metrics.training.observe(time.perf_counter() - started)
         delta = {k: local[k] - global_params[k] for k in global_params}
-        payload = encode_tensors(delta, self.task.codec)
+        if self.codec.startswith("topk"):
+            delta, self.residual = topk_with_feedback(
+                delta, self.residual, self.k_fraction, codec=self.codec
+            )
+        payload = encode_tensors(delta, self.codec, k_fraction=self.k_fraction)
         self.state.counter += 1
         self.state.last_round = header.round
         # Persist before sending: a crash after this never reuses the counter.
@@ -179,7 +202,7 @@ class EdgeAgent:
                 device=self.device,
                 base=header.model_hash,
                 samples=len(self.y),
-                codec=self.task.codec,
+                codec=self.codec,
                 counter=self.state.counter,
             ),
             payload,

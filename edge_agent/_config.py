@@ -26,16 +26,19 @@ class AgentSection(StrictModel):
     state: Path
     #: Leave once the gateway announces the task's final model.
     exit_on_final: bool = False
+    #: The board's class (a file from ``firmware_configs/``): codec, epochs, batch size and
+    #: the memory and model-size budget a task must fit.
+    device_class: Path | None = None
     #: Serve Prometheus metrics at ``http://metrics_host:metrics_port/metrics``; unset: not served.
     #: 0 picks a free port.
     metrics_port: Annotated[int, Field(ge=0, le=65535)] | None = None
     #: The address the metrics endpoint listens on; loopback unless a scraper needs more.
     metrics_host: str = "127.0.0.1"
 
-    @field_validator("key", "task", "data", "state", mode="before")
+    @field_validator("key", "task", "data", "state", "device_class", mode="before")
     @classmethod
     def _relative_to_file(cls, value, info):
-        return resolve_path(value, info)
+        return None if value is None else resolve_path(value, info)
 
 
 class AgentConfig(StrictModel):

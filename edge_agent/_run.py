@@ -10,6 +10,7 @@ from fedcore import (
     MqttTransport,
     Transport,
     Will,
+    load_device_class,
     load_local_data,
     load_private_key,
     load_public_key,
@@ -44,6 +45,7 @@ def open_agent(
             )
         )
     metrics = None if a.metrics_port is None else AgentMetrics(registry=CollectorRegistry())
+    device_class = None if a.device_class is None else load_device_class(a.device_class)
     agent = EdgeAgent(
         device=a.device,
         task=task,
@@ -53,6 +55,7 @@ def open_agent(
         data=load_local_data(a.data),
         state_path=a.state,
         metrics=metrics,
+        device_class=device_class,
     )
     if metrics is not None and a.metrics_port is not None:
         # Served for the life of the process (a daemon thread); AgentMetrics.close() stops it.

@@ -4,9 +4,21 @@ Both sides import this package; it imports neither of them.
 """
 
 from ._canonical import canonical_json, sha256_hex
-from ._codec import CODECS, TensorView, decode_tensors, encode_tensors, iter_tensors, quantize_int8
+from ._codec import (
+    CODECS,
+    DEFAULT_K_FRACTION,
+    TensorView,
+    decode_tensors,
+    encode_tensors,
+    iter_tensors,
+    quantize_int4,
+    quantize_int8,
+    quantize_int8_channels,
+    topk_with_feedback,
+)
 from ._config import BrokerSection, StrictModel, load_config, resolve_path, validate_config
 from ._data import load_local_data
+from ._device_class import DeviceBudgetError, DeviceClass, check_task_fits, load_device_class
 from ._errors import CodecError, ConfigError, FedledgerError, SignatureError, WireError
 from ._model import (
     MODEL_KINDS,
@@ -63,6 +75,7 @@ from ._wire import (
 
 __all__ = [
     "CODECS",
+    "DEFAULT_K_FRACTION",
     "DEFAULT_MAX_MESSAGE_BYTES",
     "IDENTIFIER",
     "MODEL_KINDS",
@@ -72,6 +85,8 @@ __all__ = [
     "BrokerSection",
     "CodecError",
     "ConfigError",
+    "DeviceBudgetError",
+    "DeviceClass",
     "Envelope",
     "FedledgerError",
     "InMemoryBroker",
@@ -93,6 +108,7 @@ __all__ = [
     "WireError",
     "accuracy",
     "canonical_json",
+    "check_task_fits",
     "decode_envelope",
     "decode_tensors",
     "device_from_topic",
@@ -103,6 +119,7 @@ __all__ = [
     "init_params",
     "iter_tensors",
     "load_config",
+    "load_device_class",
     "load_local_data",
     "load_private_key",
     "load_public_key",
@@ -114,11 +131,14 @@ __all__ = [
     "presence_subscription",
     "presence_topic",
     "public_key_b64",
+    "quantize_int4",
     "quantize_int8",
+    "quantize_int8_channels",
     "resolve_path",
     "save_private_key",
     "sha256_hex",
     "signer_from_key",
+    "topk_with_feedback",
     "train",
     "update_subscription",
     "update_topic",

@@ -41,7 +41,7 @@ class TrainingSection(StrictModel):
 class TaskSpec(StrictModel):
     id: Identifier
     rounds: Annotated[int, Field(ge=1)] = 10
-    codec: Literal["f32", "int8"] = "int8"
+    codec: Literal["f32", "int8", "int8-channel", "int4", "topk-f32", "topk-int8"] = "int8"
     #: Updates needed to close a round at its deadline; fewer and the deadline is extended.
     quorum: Annotated[int, Field(ge=1)] = 1
     #: Seconds a round stays open waiting for every registered device.

@@ -179,6 +179,10 @@ class MqttTransport:
         self._subscriptions: dict[str, int] = {}
         self._lock = threading.Lock()
         self._connected = threading.Event()
+        #: Connected and every subscription acknowledged (SUBACK): nothing sent to us from
+        #: now on is missed.
+        self._ready = threading.Event()
+        self._pending_subscriptions: set[int] = set()
         self._stopping = False
         context = tls_context(settings) if settings.tls else None
         client = mqtt.Client(
@@ -199,6 +203,7 @@ class MqttTransport:
         paho_log = _PahoLog(logging.getLogger(f"{__name__}.paho"), self)
         client.enable_logger(paho_log)  # type: ignore[arg-type]
         client.on_connect = self._on_connect
+        client.on_subscribe = self._on_subscribe
         client.on_connect_fail = self._on_connect_fail
         client.on_disconnect = self._on_disconnect
         client.on_message = self._on_message
@@ -215,13 +220,19 @@ class MqttTransport:
         self._client.loop_start()
 
     def wait_connected(self, timeout: float) -> bool:
-        return self._connected.wait(timeout)
+        """Wait until connected with every subscription acknowledged by the broker."""
+        return self._ready.wait(timeout)
 
     def subscribe(self, topic: str, qos: int = 1) -> None:
         with self._lock:
             self._subscriptions[topic] = qos
-        if self._connected.is_set():
-            self._client.subscribe(topic, qos)
+            connected = self._connected.is_set()
+            if connected:
+                self._ready.clear()
+        if connected:  # paho's own locks are taken outside ours
+            _, mid = self._client.subscribe(topic, qos)
+            with self._lock:
+                self._pending_subscriptions.add(mid)
 
     def publish(self, topic: str, payload: bytes, *, qos: int = 1, retain: bool = False) -> None:
         info = self._client.publish(topic, payload, qos=qos, retain=retain)
@@ -242,6 +253,7 @@ class MqttTransport:
         self._client.disconnect()
         self._client.loop_stop()
         self._connected.clear()
+        self._ready.clear()
 
     # paho callbacks: run on paho's thread, must not block.
     def _on_connect(self, client, userdata, flags, reason_code, properties) -> None:
@@ -253,13 +265,27 @@ class MqttTransport:
         self._last_socket_error = None
         with self._lock:
             subscriptions = list(self._subscriptions.items())
+            self._pending_subscriptions.clear()
         if subscriptions:
-            client.subscribe(subscriptions)
+            _, mid = client.subscribe(subscriptions)
+            with self._lock:
+                self._pending_subscriptions.add(mid)
         if self.settings.online is not None:
             online = self.settings.online
             client.publish(online.topic, online.payload, qos=1, retain=online.retain)
         self._connected.set()
+        if not subscriptions:
+            self._ready.set()
         log.debug("connected to %s:%s", self.settings.host, self.settings.port)
+
+    def _on_subscribe(self, client, userdata, mid, reason_codes, properties) -> None:
+        refused = [code for code in reason_codes if code.is_failure]
+        if refused:
+            log.warning("broker refused a subscription: %s", refused[0])
+        with self._lock:
+            self._pending_subscriptions.discard(mid)
+            if not self._pending_subscriptions and self._connected.is_set():
+                self._ready.set()
 
     def _on_connect_fail(self, client, userdata) -> None:
         # paho calls this inside its ``except OSError`` block: the exception is the reason
@@ -277,6 +303,7 @@ class MqttTransport:
                 self.last_error = f"connection closed before the broker accepted it: {detail}"
             self._last_socket_error = None
         self._connected.clear()
+        self._ready.clear()
         log.debug("disconnected: %s", reason_code)
 
     def _on_message(self, client, userdata, message) -> None:

@@ -668,6 +668,69 @@ def bench_ledger(
     _print_bench(run(batch=batch, rounds=rounds, verify_records=verify_records), as_json)
 
 
+@bench_app.command("accuracy")
+def bench_accuracy(
+    datasets: Annotated[
+        str, typer.Option(help="Data sets, comma-separated: breast_cancer, digits.")
+    ] = "breast_cancer,digits",
+    devices: Annotated[int, typer.Option(min=1, help="Simulated devices.")] = 20,
+    alpha: Annotated[
+        float, typer.Option(min=0.001, help="Dirichlet concentration of the label split.")
+    ] = 0.5,
+    rounds: Annotated[int, typer.Option(min=1, help="Federated rounds.")] = 20,
+    codecs: Annotated[
+        str, typer.Option(help="Update codecs, comma-separated (f32 always runs: the reference).")
+    ] = "f32,int8,int8-channel,int4,topk-f32,topk-int8",
+    seed: Annotated[int, typer.Option(help="First seed.")] = 0,
+    repeats: Annotated[int, typer.Option(min=1, help="Seeds averaged (seed, seed+1, ...).")] = 5,
+    k_fraction: Annotated[
+        float, typer.Option(min=1e-6, max=1.0, help="Share of each tensor top-k codecs keep.")
+    ] = 0.01,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON only.")] = False,
+) -> None:
+    """Federated (Dirichlet split) vs. centralized training of the same model, per update
+    codec: final accuracy, gaps in percentage points and uplink bytes against float32."""
+    from bench.accuracy import run
+
+    def _split(text: str) -> tuple[str, ...]:
+        return tuple(part.strip() for part in text.split(",") if part.strip())
+
+    try:
+        result = run(
+            datasets=_split(datasets), devices=devices, alpha=alpha, rounds=rounds,
+            codecs=_split(codecs), seed=seed, repeats=repeats, k_fraction=k_fraction,
+        )  # fmt: skip
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from None
+    _print_bench(result, as_json)
+
+
+@bench_app.command("robustness")
+def bench_robustness(
+    rounds: Annotated[int, typer.Option(min=1, help="Federated rounds per simulation.")] = 30,
+    devices: Annotated[int, typer.Option(min=4, help="Simulated devices, honest and not.")] = 20,
+    repeats: Annotated[
+        int, typer.Option(min=1, help="Simulations averaged per cell (seeds seed, seed + 1...).")
+    ] = 3,
+    seed: Annotated[int, typer.Option(help="First seed.")] = 0,
+    dataset: Annotated[
+        list[str] | None,
+        typer.Option("--dataset", help="breast_cancer or digits; repeat for both (default)."),
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON only.")] = False,
+) -> None:
+    """Final accuracy of each aggregation rule under attack (sign flip, x100 scaling,
+    Gaussian noise, label flip, constant, NaN, free riders) at 10%, 30% and 45% malicious
+    devices, beside the same rule's clean run (all simulated in process)."""
+    from bench.robustness import run
+
+    datasets = tuple(dataset) if dataset else ("breast_cancer", "digits")
+    _print_bench(
+        run(datasets=datasets, rounds=rounds, devices=devices, repeats=repeats, seed=seed),
+        as_json,
+    )
+
+
 def _print_bench(result: dict, as_json: bool) -> None:
     if as_json:
         sys.stdout.write(json.dumps(result, indent=2) + "\n")

@@ -101,3 +101,59 @@ def test_data_that_does_not_fit_the_model_is_refused(task, gateway_key):
             gateway_key=gateway_key.public_key(),
             data=(np.ones((4, 3), np.float32), np.zeros(4, np.int64)),
         )
+
+
+FIRMWARE = __import__("pathlib").Path(__file__).parents[2] / "firmware_configs"
+
+
+def test_device_class_sets_codec_and_sends_topk_with_error_feedback(task, dataset, gateway_key):
+    from fedcore import decode_tensors, load_device_class
+    from gateway import RoundContext, UpdateValidator
+
+    broker = InMemoryBroker()
+    key = generate_key()
+    zero = load_device_class(FIRMWARE / "raspberry-pi-zero-2w.toml")
+    agent = EdgeAgent(
+        device="dev-0", task=task, transport=broker.transport(), signer=key.sign,
+        gateway_key=gateway_key.public_key(), data=(dataset.x_train[:60], dataset.y_train[:60]),
+        device_class=zero,
+    )  # fmt: skip
+    listener = broker.transport()
+    listener.subscribe(update_subscription(task.id))
+    listener.start()
+    agent.start()
+    publish_model(broker, task, gateway_key)
+    agent.step(0)
+    frame = listener.messages.get_nowait()
+    env = decode_envelope(frame.payload)
+    assert env.header.codec == zero.codec == "topk-int8"
+    sent = decode_tensors(env.payload)
+    assert (
+        sum(int(np.count_nonzero(v)) for v in sent.values()) <= 2
+    )  # 1% of each tensor, at least one
+    assert agent.residual is not None and any(np.abs(r).sum() > 0 for r in agent.residual.values())
+    from fedcore import public_key_b64
+    from gateway import DeviceRegistry
+
+    validator = UpdateValidator(
+        task=task.id, registry=DeviceRegistry({"dev-0": public_key_b64(key)}),
+        shapes=task.model_spec().shapes(), max_message_bytes=1 << 20,
+    )  # fmt: skip
+    ctx = RoundContext(
+        round=0, base=env.header.base, has_update=lambda d: False, last_counter=lambda d: -1
+    )
+    assert validator.check(frame.topic, frame.payload, ctx).header.codec == "topk-int8"
+
+
+def test_a_task_too_big_for_the_board_is_refused(task, gateway_key):
+    from fedcore import ConfigError, TaskSpec, load_device_class
+
+    big = TaskSpec.model_validate(
+        {**task.model_dump(), "model": {**task.model.model_dump(), "kind": "mlp", "hidden": 40_000}}
+    )
+    with pytest.raises(ConfigError, match="max_model_params"):
+        EdgeAgent(
+            device="d", task=big, transport=InMemoryBroker().transport(), signer=gateway_key.sign,
+            gateway_key=gateway_key.public_key(), data=(np.ones((4, 30), np.float32), np.zeros(4, np.int64)),
+            device_class=load_device_class(FIRMWARE / "raspberry-pi-zero-2w.toml"),
+        )  # fmt: skip
