@@ -48,6 +48,14 @@ class TaskSpec(StrictModel):
     round_timeout: Annotated[float, Field(gt=0)] = 30.0
     model: ModelSection
     training: TrainingSection = TrainingSection()
+    #: How the gateway combines a round's updates (``gateway.AGGREGATION_RULES``); the rule is
+    #: recorded with the task and every round on the ledger.
+    aggregation: Literal[
+        "fedavg", "fedprox", "median", "trimmed_mean", "krum", "multi_krum", "bulyan"
+    ] = "fedavg"
+    #: The rule's options, e.g. ``{beta = 0.2}`` for trimmed_mean, ``{f = 3}`` for krum,
+    #: ``{clip_factor = 1.0}`` to clip every update to the median norm (any rule).
+    aggregation_options: dict[str, float | int | bool] = Field(default_factory=dict)
 
     def model_spec(self) -> ModelSpec:
         return self.model.spec()

@@ -43,6 +43,7 @@ class TaskOptions:
     lr: float = 0.1
     round_timeout: float = 30.0
     quorum: int = 1
+    aggregation: str = "fedavg"
 
 
 def device_ids(n: int) -> list[str]:
@@ -82,6 +83,7 @@ def provision(
         "codec": options.codec,
         "quorum": options.quorum,
         "round_timeout": options.round_timeout,
+        "aggregation": options.aggregation,
         "model": {
             "kind": options.model,
             "n_features": int(dataset.x_train.shape[1]),

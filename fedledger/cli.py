@@ -93,8 +93,18 @@ def demo(
         Path, typer.Option(help="Keys, configs, data, store and ledger go here (recreated).")
     ] = Path("fedledger-demo"),
     model: Annotated[str, typer.Option(help="logreg or mlp.")] = "logreg",
-    codec: Annotated[str, typer.Option(help="Update codec: int8 or f32.")] = "int8",
+    codec: Annotated[
+        str,
+        typer.Option(help="Update codec: f32, int8, int8-channel, int4, topk-f32 or topk-int8."),
+    ] = "int8",
     epochs: Annotated[int, typer.Option(min=1, help="Local epochs per round.")] = 5,
+    aggregation: Annotated[
+        str,
+        typer.Option(
+            help="fedavg, fedprox, median, trimmed_mean, krum, multi_krum or bulyan"
+            " (recorded on the ledger with every round)."
+        ),
+    ] = "fedavg",
     lr: Annotated[float, typer.Option(min=1e-6, help="Local learning rate.")] = 0.1,
     agents: Annotated[
         str, typer.Option(help="process: one OS process per agent; thread: all in this process.")
@@ -126,8 +136,15 @@ def demo(
 
     if model not in ("logreg", "mlp"):
         raise typer.BadParameter("must be logreg or mlp", param_hint="--model")
-    if codec not in ("int8", "f32"):
-        raise typer.BadParameter("must be int8 or f32", param_hint="--codec")
+    from fedcore import CODECS
+    from gateway import AGGREGATION_RULES
+
+    if codec not in CODECS:
+        raise typer.BadParameter(f"must be one of {', '.join(CODECS)}", param_hint="--codec")
+    if aggregation not in AGGREGATION_RULES:
+        raise typer.BadParameter(
+            f"must be one of {', '.join(AGGREGATION_RULES)}", param_hint="--aggregation"
+        )
     if agents not in ("process", "thread"):
         raise typer.BadParameter("must be process or thread", param_hint="--agents")
     workdir.mkdir(parents=True, exist_ok=True)
@@ -142,7 +159,9 @@ def demo(
         plot=plot,
         agents=agents,
         secure=secure,
-        task=TaskOptions(rounds=rounds, codec=codec, model=model, epochs=epochs, lr=lr),
+        task=TaskOptions(
+            rounds=rounds, codec=codec, model=model, epochs=epochs, lr=lr, aggregation=aggregation
+        ),
     )
     table = RoundTable(console, rounds=rounds, devices=devices, enabled=not quiet)
     with table:

@@ -8,6 +8,7 @@ from pathlib import Path
 from prometheus_client import CollectorRegistry
 
 from fedcore import (
+    ConfigError,
     MqttTransport,
     Transport,
     load_local_data,
@@ -24,6 +25,7 @@ from ._metrics import GatewayMetrics
 from ._registry import DeviceRegistry
 from ._service import Gateway, RoundResult
 from ._store import UpdateStore
+from ._strategies import AGGREGATION_RULES
 
 
 def open_gateway(
@@ -34,6 +36,10 @@ def open_gateway(
 ) -> Gateway:
     g = config.gateway
     task = load_task(g.task)
+    try:
+        AGGREGATION_RULES[task.aggregation].resolve(task.aggregation_options)
+    except ValueError as exc:
+        raise ConfigError(str(exc), file=str(g.task), key="aggregation_options") from None
     registry = DeviceRegistry.load(g.registry)
     key = load_private_key(g.key)
     signer = signer_from_key(key)

@@ -42,7 +42,7 @@ from fedcore import (
 )
 from ledger import ContractError, Identity, LedgerBackend, LedgerError
 
-from ._aggregate import FedAvgAccumulator
+from ._aggregate import RoundAggregator
 from ._errors import GatewayError, Rejected
 from ._metrics import GatewayMetrics
 from ._registry import DeviceRegistry
@@ -98,7 +98,7 @@ class _OpenRound:
     base_params: Params
     opened_at: float
     deadline: float
-    accumulator: FedAvgAccumulator
+    accumulator: RoundAggregator
     contributors: list[dict[str, Any]] = field(default_factory=list)
     devices: set[str] = field(default_factory=set)
     bytes_received: int = 0
@@ -351,7 +351,12 @@ class Gateway:
             base_params=params,
             opened_at=now,
             deadline=deadline,
-            accumulator=FedAvgAccumulator(self.spec.shapes()),
+            accumulator=RoundAggregator(
+                self.spec.shapes(),
+                rule=self.task.aggregation,
+                options=self.task.aggregation_options,
+                capacity=len(self.registry),
+            ),
         )
         if resume:
             for stored in self.store.updates(self.task.id, round_):
@@ -478,10 +483,18 @@ class Gateway:
                 records[i : i + _LEDGER_BATCH] for i in range(0, len(records), _LEDGER_BATCH)
             ],
             "global_model": new_hash,
-            "aggregation": "fedavg",
+            "aggregation": self.task.aggregation,
             "contributors": [c["device"] for c in contributors],
-            "metrics": {} if acc is None else {"accuracy": round(acc, 6)},
+            "metrics": self._round_metrics(current, acc),
         }
+
+    @staticmethod
+    def _round_metrics(current: _OpenRound, acc: float | None) -> dict[str, float]:
+        metrics = {} if acc is None else {"accuracy": round(acc, 6)}
+        if not current.accumulator.streaming:
+            metrics["updates_dropped"] = float(current.accumulator.dropped)
+            metrics["updates_clipped"] = float(current.accumulator.clipped)
+        return metrics
 
     def _anchor(self, round_: int, record: dict[str, Any]) -> bool:
         """Bring the ledger up to date with a closed round; a failure is retried at restart.
@@ -560,7 +573,8 @@ class Gateway:
         ]
         privacy = {"dp": None, "secure_aggregation": False}
         task_args = (self.task.id, org, self.identity.subject, self.spec.spec_hash())
-        calls.append(("CreateTask", (*task_args, "fedavg", privacy, initial_hash)))
+        rule = self.task.aggregation
+        calls.append(("CreateTask", (*task_args, rule, privacy, initial_hash)))
         for fn, args in calls:
             try:
                 self.ledger.submit(fn, *args, identity=self.admin)

@@ -194,3 +194,26 @@ def test_two_updates_from_one_device_in_one_batch_count_once(world, task, device
     assert gateway.stats.accepted == 1
     assert gateway.stats.rejected == {"duplicate": 1}
     assert len(gateway.store.updates(task.id, 0)) == 1
+
+
+@pytest.mark.parametrize(
+    ("rule", "options"),
+    [("median", {}), ("fedavg", {"clip_factor": 1.0}), ("multi_krum", {"f": 1})],
+)
+def test_robust_rules_aggregate_and_are_recorded(
+    tmp_path, task, registry, gateway_key, dataset, device_keys, rule, options
+):
+    robust = task.model_copy(update={"aggregation": rule, "aggregation_options": options})
+    broker = InMemoryBroker()
+    gateway = make_gateway(tmp_path, robust, registry, gateway_key, dataset, broker, Clock())
+    agents = make_agents(robust, device_keys, gateway_key, dataset, broker)
+    gateway.connect()
+    gateway.start()
+    for _ in range(10):
+        pump(gateway, agents)
+    assert gateway.finished and gateway.results[-1].accuracy > 0.85
+    admin = Identity(msp_id="org1", subject="admin", role="admin")
+    last = gateway.ledger.evaluate("GetRound", task.id, 2, identity=admin)
+    assert last["aggregation"] == rule
+    assert last["metrics"]["updates_dropped"] == 0.0
+    assert gateway.ledger.verify(replay=True, store=gateway.store).ok
