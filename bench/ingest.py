@@ -204,7 +204,7 @@ def _gateway_path(
 ) -> tuple[float, int, dict[str, int]]:
     """Through the gateway: (seconds, accepted, rejected by reason)."""
     from gateway import DeviceRegistry, Gateway, UpdateStore
-    from ledger import EmbeddedLedger
+    from ledger import EmbeddedLedger, Identity
 
     devices = list(keys)
     gateway_key = generate_key()
@@ -227,6 +227,8 @@ def _gateway_path(
         signer=signer,
         evaluation=None,
         max_message_bytes=max(DEFAULT_MAX_MESSAGE_BYTES, 2 * max(len(f) for f in frames)),
+        # the site's admin registers the devices and the task on the ledger (untimed)
+        admin=Identity(msp_id="org1", subject="admin", role="admin"),
     )
     publisher = _transport(broker, "bench-gateway-pub")
     try:
