@@ -152,7 +152,12 @@ def decode_envelope(data: bytes, *, max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) 
         raise WireError("malformed", "header is not UTF-8 JSON") from None
     if not isinstance(fields, dict):
         raise WireError("malformed", "header is not a JSON object")
-    if canonical_json(fields) != header_bytes:
+    try:
+        # Re-encoding can fail on what json.loads accepts: 1e400 (inf), lone surrogates.
+        canonical = canonical_json(fields)
+    except (ValueError, RecursionError):
+        raise WireError("malformed", "header is not canonical JSON") from None
+    if canonical != header_bytes:
         raise WireError("malformed", "header is not canonical JSON")
     header: UpdateHeader | ModelHeader
     if kind == TYPE_UPDATE:

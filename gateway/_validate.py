@@ -107,4 +107,10 @@ class UpdateValidator:
         for view in views:
             if view.data.dtype == np.float32 and not np.isfinite(view.data).all():
                 raise Rejected("non_finite", f"tensor {view.name} holds NaN or Inf", device=sender)
+            if view.data.dtype == np.int8 and view.data.size:
+                # q * scale must stay finite in float32 (scale near FLT_MAX overflows).
+                peak = np.float32(np.abs(view.data.astype(np.int16)).max())
+                with np.errstate(over="ignore"):
+                    if not np.isfinite(peak * np.float32(view.scale)):
+                        raise Rejected("non_finite", f"tensor {view.name} overflows", device=sender)
         return views
