@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+from threadpoolctl import threadpool_limits
 
 from fedcore import (
     DEFAULT_K_FRACTION,
@@ -179,10 +180,14 @@ class EdgeAgent:
             "big",
         )
         started = time.perf_counter()
-        local = train(
-            self.spec, global_params, self.x, self.y,
-            epochs=self.epochs, batch_size=self.batch_size, lr=self.task.training.lr, seed=seed,
-        )  # fmt: skip
+        # Small-batch SGD is several times faster on one BLAS thread than on many fighting
+        # over a Pi's cores (measured by `fedledger bench agent`).
+        with threadpool_limits(limits=1, user_api="blas"):
+            local = train(
+                self.spec, global_params, self.x, self.y,
+                epochs=self.epochs, batch_size=self.batch_size, lr=self.task.training.lr,
+                seed=seed,
+            )  # fmt: skip
         if self.metrics is not None:
             self.metrics.training.observe(time.perf_counter() - started)
         delta = {k: local[k] - global_params[k] for k in global_params}

@@ -750,6 +750,22 @@ def bench_robustness(
     )
 
 
+@bench_app.command("agent")
+def bench_agent(
+    rounds: Annotated[int, typer.Option(min=1, help="Local rounds the agent trains.")] = 5,
+    hidden: Annotated[
+        int, typer.Option(min=1, help="Hidden units of the benchmark MLP (3300: 108,902 params).")
+    ] = 3300,
+    epochs: Annotated[int, typer.Option(min=1, help="Local epochs per round.")] = 2,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON only.")] = False,
+) -> None:
+    """A real `fedledger agent run` process training the benchmark model: idle and peak
+    resident memory and CPU seconds per local round, against a Raspberry Pi budget."""
+    from bench.agent import run
+
+    _print_bench(run(rounds=rounds, hidden=hidden, epochs=epochs), as_json)
+
+
 def _print_bench(result: dict, as_json: bool) -> None:
     if as_json:
         sys.stdout.write(json.dumps(result, indent=2) + "\n")

@@ -77,3 +77,13 @@ def test_ledger_bench_small():
         assert math.isfinite(result[key]) and result[key] > 0, key
     # genesis, 10 registrations, the task, one round opened, then 20 batches of 10 records
     assert result["verify_blocks"] == 1 + 10 + 1 + 1 + 20
+
+
+@pytest.mark.mqtt
+def test_agent_bench_small():
+    from bench.agent import run
+
+    result = run(rounds=2, hidden=64, epochs=1)
+    assert result["model_params"] == 30 * 64 + 64 + 64 * 2 + 2
+    assert 10 < result["idle_rss_mb"] <= result["peak_rss_mb"] < 1000
+    assert result["cpu_s_per_round"] > 0 and result["python_floor_mb"] > 1
