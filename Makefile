@@ -9,13 +9,14 @@ STAMP := $(VENV)/.fedledger-installed
 DEMO_ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: demo test setup broker prometheus lint bench clean help
+.PHONY: demo test setup broker prometheus lint bench dashboards clean help
 
 help:
 	@echo "make demo    set everything up and run a federated training on this machine"
 	@echo "make test    set everything up and run the whole test suite"
 	@echo "make bench   print the benchmark figures as JSON"
 	@echo "make lint    ruff over the tree"
+	@echo "make dashboards  regenerate monitoring/dashboards/*.json from monitoring/dashboards.py"
 
 demo: setup broker
 	$(BIN)/fedledger demo $(DEMO_ARGS)
@@ -31,6 +32,13 @@ bench: setup broker
 	$(BIN)/fedledger bench aggregate --json
 	$(BIN)/fedledger bench ingest --json
 	$(BIN)/fedledger bench ledger --json
+	$(BIN)/fedledger bench agent --json
+	$(BIN)/fedledger bench accuracy --json
+	$(BIN)/fedledger bench robustness --json
+
+# The Grafana dashboards are code (monitoring/dashboards.py); the JSON is committed.
+dashboards: setup
+	$(BIN)/python -m monitoring.dashboards --out monitoring/dashboards
 
 setup: $(STAMP)
 

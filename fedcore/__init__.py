@@ -20,6 +20,7 @@ from ._config import BrokerSection, StrictModel, load_config, resolve_path, vali
 from ._data import load_local_data
 from ._device_class import DeviceBudgetError, DeviceClass, check_task_fits, load_device_class
 from ._errors import CodecError, ConfigError, FedledgerError, SignatureError, WireError
+from ._export import EXPORT_FORMATS, dequantized_params, export_model, export_onnx, export_tflite
 from ._model import (
     MODEL_KINDS,
     ModelSpec,
@@ -77,6 +78,7 @@ __all__ = [
     "CODECS",
     "DEFAULT_K_FRACTION",
     "DEFAULT_MAX_MESSAGE_BYTES",
+    "EXPORT_FORMATS",
     "IDENTIFIER",
     "MODEL_KINDS",
     "TYPE_MODEL",
@@ -111,10 +113,14 @@ __all__ = [
     "check_task_fits",
     "decode_envelope",
     "decode_tensors",
+    "dequantized_params",
     "device_from_topic",
     "encode_model",
     "encode_tensors",
     "encode_update",
+    "export_model",
+    "export_onnx",
+    "export_tflite",
     "generate_key",
     "init_params",
     "iter_tensors",

@@ -642,6 +642,69 @@ def broker_config(
     )
 
 
+model_app = typer.Typer(help="Export global models for on-device inference.", no_args_is_help=True)
+app.add_typer(model_app, name="model")
+
+
+class ExportFormat(str, enum.Enum):
+    onnx = "onnx"
+    tflite = "tflite"
+
+
+@model_app.command("export")
+def model_export(
+    task: Annotated[Path, typer.Option(help="The task file (its [model] section).")],
+    out: Annotated[Path, typer.Option(help="Where to write the exported model.")],
+    fmt: Annotated[ExportFormat, typer.Option("--format", help="onnx or tflite.")] = (
+        ExportFormat.onnx
+    ),
+    model: Annotated[Path | None, typer.Option(help="A .npz of the model's parameters.")] = None,
+    store: Annotated[
+        Path | None, typer.Option(help="A gateway's store (gateway.sqlite), with --hash.")
+    ] = None,
+    hash_: Annotated[
+        str | None, typer.Option("--hash", help="The global model's hash in --store.")
+    ] = None,
+    per_tensor: Annotated[
+        bool, typer.Option(help="One int8 scale per tensor (default: per output channel).")
+    ] = False,
+    as_json: JsonFlag = False,
+) -> None:
+    """Export a global model (int8 weights) to ONNX or TFLite for on-device inference
+    (onnxruntime or LiteRT; see edge_agent.Predictor)."""
+    import numpy as np
+
+    from fedcore import decode_tensors, export_model, load_task, model_hash
+    from gateway import UpdateStore
+
+    if (model is None) == (store is None) or (store is not None and not hash_):
+        raise typer.BadParameter("give either --model, or --store with --hash")
+    spec = load_task(task).model_spec()
+    if model is not None:
+        with np.load(model) as archive:
+            params = {name: archive[name].astype(np.float32) for name in archive.files}
+    else:
+        db = UpdateStore(store)
+        try:
+            payload = db.get_model(hash_)
+        finally:
+            db.close()
+        if payload is None:
+            raise typer.BadParameter(f"model {hash_} is not in {store}", param_hint="--hash")
+        params = decode_tensors(payload)
+    path = export_model(spec, params, out, fmt=fmt.value, per_channel=not per_tensor)
+    result = {
+        "changed": True,
+        "format": fmt.value,
+        "model_hash": model_hash(params),
+        "path": str(path),
+        "bytes": path.stat().st_size,
+    }
+    _report(
+        result, as_json, f"exported {result['model_hash'][:12]} to {path} ({result['bytes']} bytes)"
+    )
+
+
 # ---------------------------------------------------------------- bench
 @bench_app.command("aggregate")
 def bench_aggregate(

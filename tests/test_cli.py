@@ -242,3 +242,36 @@ def test_pki_commands_are_idempotent_and_scriptable(tmp_path):
     assert revoked.returncode == 0 and json.loads(revoked.stdout)["changed"] is True
     other = run("pki", "init", "--org", "Elsewhere", "--dir", pki)
     assert other.returncode == 2 and "ca.pem" in other.stderr and "Traceback" not in other.stderr
+
+
+@pytest.mark.mqtt
+def test_model_export_from_the_store_runs_on_device_runtimes(tmp_path):
+    import numpy as np
+
+    from edge_agent import Predictor
+    from fedledger._datasets import load_dataset
+
+    report_path = tmp_path / "report.json"
+    done = run(
+        "demo", "--devices", "3", "--rounds", "2", "--agents", "thread", "--no-plot", "--quiet",
+        "--json", str(report_path), "--workdir", str(tmp_path / "work"), cwd=tmp_path,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    report = json.loads(report_path.read_text())
+    work = tmp_path / "work"
+    x_test = load_dataset(seed=0).x_test
+    predictions = []
+    for fmt in ("onnx", "tflite"):
+        out = tmp_path / f"model.{fmt}"
+        exported = run(
+            "model", "export", "--task", str(work / "task.toml"), "--store", str(work / "gateway.sqlite"),
+            "--hash", report["final_model"], "--format", fmt, "--out", str(out), "--json",
+        )  # fmt: skip
+        assert exported.returncode == 0, exported.stderr
+        assert json.loads(exported.stdout)["model_hash"] == report["final_model"]
+        predictions.append(Predictor(out).predict(x_test))
+    assert np.mean(predictions[0] == predictions[1]) >= 0.99
+    missing = run(
+        "model", "export", "--task", str(work / "task.toml"), "--out", str(tmp_path / "x.onnx")
+    )
+    assert missing.returncode == 2 and "--model" in missing.stderr

@@ -22,8 +22,8 @@ def test_all_is_sorted_and_complete(module):
 
 def test_surfaces():
     assert set(edge_agent.__all__) == {
-        "AgentConfig", "AgentError", "AgentMetrics", "AgentSection", "AgentState", "EdgeAgent",
-        "load_agent_config", "open_agent",
+        "BACKENDS", "AgentConfig", "AgentError", "AgentMetrics", "AgentSection", "AgentState",
+        "EdgeAgent", "InferenceError", "Predictor", "load_agent_config", "open_agent",
     }  # fmt: skip
     assert set(ledger.__all__) == {
         "CODES", "BlockInfo", "ChainError", "ContractError", "EmbeddedLedger", "FedLedgerContract",

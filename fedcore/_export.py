@@ -1,0 +1,409 @@
+"""Export a global model for on-device inference: ONNX (int8 QDQ) and TFLite (int8 weights).
+
+Both exports are built from the model's NumPy parameters with schema-level helpers only (the
+``onnx`` package's graph helpers; the TFLite flatbuffer schema classes of the ``tflite``
+package), so no PyTorch or TensorFlow is involved. Both are optional dependencies (the
+``inference`` extra) and are imported only when an export is asked for.
+
+Weights are quantized like the int8 codecs (``quantize_int8_channels`` per output channel, or
+``quantize_int8`` per tensor): symmetric, zero point 0, ``q`` in [-127, 127]. Biases stay
+float32. Input standardization (``feature_mean``/``feature_scale``) is kept as explicit
+``Sub``/``Div`` so that the exported graph computes exactly :func:`predict_logits` on
+:func:`dequantized_params`, which is the NumPy reference an exported model is checked against.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+from collections.abc import Mapping
+from pathlib import Path
+
+import numpy as np
+
+from ._codec import quantize_int8, quantize_int8_channels
+from ._model import ModelSpec, model_hash
+
+EXPORT_FORMATS = ("onnx", "tflite")
+ONNX_OPSET = 13  # per-axis DequantizeLinear; runs on onnxruntime >= 1.6
+ONNX_IR_VERSION = 7  # the IR of opset 13: loadable by old onnxruntime builds on devices
+INPUT_NAME = "features"
+OUTPUT_NAME = "logits"
+
+
+def _layers(spec: ModelSpec) -> list[tuple[str, str, bool]]:
+    """(weight, bias, relu after) for each dense layer, in order."""
+    if spec.kind == "logreg":
+        return [("w", "b", False)]
+    return [("w1", "b1", True), ("w2", "b2", False)]
+
+
+def _check_params(spec: ModelSpec, params: Mapping[str, np.ndarray]) -> None:
+    expected = spec.shapes()
+    if set(params) != set(expected):
+        raise ValueError(
+            f"parameters {sorted(params)} do not match {spec.kind}: {sorted(expected)}"
+        )
+    for name, shape in expected.items():
+        if tuple(np.shape(params[name])) != shape:
+            raise ValueError(f"{name} has shape {np.shape(params[name])}, expected {shape}")
+
+
+def _quantize_weight(w: np.ndarray, per_channel: bool) -> tuple[np.ndarray, np.ndarray]:
+    """int8 ``q`` of shape (in, out) and float32 scales (one per output column, or one)."""
+    if per_channel:
+        q, scales = quantize_int8_channels(w)
+        return q, np.asarray(scales, dtype=np.float32).reshape(-1)
+    q, scale = quantize_int8(w)
+    return q, np.asarray([scale], dtype=np.float32)
+
+
+def dequantized_params(
+    spec: ModelSpec, params: Mapping[str, np.ndarray], *, per_channel: bool = True
+) -> dict[str, np.ndarray]:
+    """The parameters an exported model effectively computes with: int8-dequantized
+    weights, float32 biases. ``predict_logits(spec, dequantized_params(...), x)`` is the
+    reference for an exported model's output."""
+    _check_params(spec, params)
+    out: dict[str, np.ndarray] = {}
+    for w_name, b_name, _ in _layers(spec):
+        q, scales = _quantize_weight(np.asarray(params[w_name], dtype=np.float32), per_channel)
+        out[w_name] = q.astype(np.float32) * scales  # broadcasts over the output axis
+        out[b_name] = np.asarray(params[b_name], dtype=np.float32).copy()
+    return out
+
+
+def _metadata(spec: ModelSpec, params: Mapping[str, np.ndarray], per_channel: bool) -> dict:
+    return {
+        "fedledger.spec": json.dumps(spec.to_dict(), sort_keys=True),
+        "fedledger.model_hash": model_hash(params),
+        "fedledger.quantization": "int8-per-channel" if per_channel else "int8-per-tensor",
+    }
+
+
+def _require(module: str, package: str):
+    try:
+        return importlib.import_module(module)
+    except ImportError as exc:  # pragma: no cover - depends on the environment
+        raise ImportError(
+            f"exporting needs the {package!r} package (pip install 'fedledger[inference]')"
+        ) from exc
+
+
+# ---------------------------------------------------------------- ONNX
+
+
+def build_onnx(spec: ModelSpec, params: Mapping[str, np.ndarray], *, per_channel: bool = True):
+    """An ``onnx.ModelProto``: [Sub, Div,] then per layer DequantizeLinear(int8 weight) ->
+    MatMul -> Add [-> Relu]. Input ``features`` (N, F) float32, output ``logits`` (N, C)."""
+    onnx = _require("onnx", "onnx")
+    from onnx import TensorProto, helper, numpy_helper
+
+    _check_params(spec, params)
+    inits = []
+    nodes = []
+    current = INPUT_NAME
+    if spec.feature_mean:
+        mean = np.asarray(spec.feature_mean, dtype=np.float32)
+        scale = np.asarray(spec.feature_scale, dtype=np.float32)
+        inits += [numpy_helper.from_array(mean, "feature_mean")]
+        inits += [numpy_helper.from_array(scale, "feature_scale")]
+        nodes.append(helper.make_node("Sub", [current, "feature_mean"], ["centered"]))
+        nodes.append(helper.make_node("Div", ["centered", "feature_scale"], ["standardized"]))
+        current = "standardized"
+    layers = _layers(spec)
+    for i, (w_name, b_name, relu) in enumerate(layers):
+        q, scales = _quantize_weight(np.asarray(params[w_name], dtype=np.float32), per_channel)
+        if not per_channel:
+            scales = scales.reshape(())  # per-tensor: scalar scale and zero point
+        zero = np.zeros(scales.shape, dtype=np.int8)
+        inits += [
+            numpy_helper.from_array(q, f"{w_name}_quantized"),
+            numpy_helper.from_array(scales, f"{w_name}_scale"),
+            numpy_helper.from_array(zero, f"{w_name}_zero_point"),
+            numpy_helper.from_array(np.asarray(params[b_name], dtype=np.float32), b_name),
+        ]
+        dq_attrs = {"axis": 1} if per_channel else {}
+        nodes.append(
+            helper.make_node(
+                "DequantizeLinear",
+                [f"{w_name}_quantized", f"{w_name}_scale", f"{w_name}_zero_point"],
+                [w_name],
+                **dq_attrs,
+            )
+        )
+        nodes.append(helper.make_node("MatMul", [current, w_name], [f"{w_name}_product"]))
+        last = i == len(layers) - 1
+        added = OUTPUT_NAME if last else f"{b_name}_preactivation"
+        nodes.append(helper.make_node("Add", [f"{w_name}_product", b_name], [added]))
+        current = added
+        if relu:
+            nodes.append(helper.make_node("Relu", [added], [f"{w_name}_activation"]))
+            current = f"{w_name}_activation"
+    graph = helper.make_graph(
+        nodes,
+        f"fedledger_{spec.kind}",
+        [helper.make_tensor_value_info(INPUT_NAME, TensorProto.FLOAT, ["N", spec.n_features])],
+        [helper.make_tensor_value_info(OUTPUT_NAME, TensorProto.FLOAT, ["N", spec.n_classes])],
+        initializer=inits,
+    )
+    model = helper.make_model(
+        graph,
+        producer_name="fedledger",
+        opset_imports=[helper.make_operatorsetid("", ONNX_OPSET)],
+    )
+    model.ir_version = ONNX_IR_VERSION
+    helper.set_model_props(model, _metadata(spec, params, per_channel))
+    onnx.checker.check_model(model, full_check=True)
+    return model
+
+
+def export_onnx(
+    spec: ModelSpec,
+    params: Mapping[str, np.ndarray],
+    path: str | Path,
+    *,
+    per_channel: bool = True,
+) -> Path:
+    """Write the int8 QDQ ONNX model of ``spec``/``params`` to ``path`` (checked with
+    ``onnx.checker``) and return the path."""
+    onnx = _require("onnx", "onnx")
+    model = build_onnx(spec, params, per_channel=per_channel)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    onnx.save_model(model, str(path))
+    onnx.checker.check_model(str(path))
+    return path
+
+
+# ---------------------------------------------------------------- TFLite
+
+
+def _tfl(name: str):
+    # The ``tflite`` package star-imports its classes over its submodules' names, so the
+    # builder functions are reached through the submodules themselves.
+    _require("tflite", "tflite")
+    return importlib.import_module(f"tflite.{name}")
+
+
+def build_tflite(
+    spec: ModelSpec, params: Mapping[str, np.ndarray], *, per_channel: bool = True
+) -> bytes:
+    """A TFLite flatbuffer: [SUB, DIV,] then per layer a hybrid FULLY_CONNECTED (int8
+    weights, float32 activations, fused RELU for the hidden layer). Input ``features``
+    (N, F) float32 (batch resizable), output ``logits`` (N, C)."""
+    flatbuffers = _require("flatbuffers", "flatbuffers")
+    t_model, t_subgraph, t_tensor = _tfl("Model"), _tfl("SubGraph"), _tfl("Tensor")
+    t_buffer, t_operator, t_opcode = _tfl("Buffer"), _tfl("Operator"), _tfl("OperatorCode")
+    t_quant, t_fc = _tfl("QuantizationParameters"), _tfl("FullyConnectedOptions")
+    t_meta = _tfl("Metadata")
+    builtin_op = _tfl("BuiltinOperator").BuiltinOperator
+    builtin_options = _tfl("BuiltinOptions").BuiltinOptions
+    tensor_type = _tfl("TensorType").TensorType
+    activation = _tfl("ActivationFunctionType").ActivationFunctionType
+    _check_params(spec, params)
+
+    # Plain Python description first, serialized below (flatbuffers are built bottom-up).
+    buffers: list[bytes] = [b""]  # buffer 0: the empty sentinel the schema requires
+    tensors: list[dict] = []
+    operators: list[tuple[int, list[int], list[int], int]] = []  # (opcode, in, out, activation)
+    opcodes: list[int] = []
+
+    def tensor(name, shape, ttype, data=None, signature=None, quant=None) -> int:
+        buffer = 0
+        if data is not None:
+            buffers.append(np.ascontiguousarray(data).tobytes())
+            buffer = len(buffers) - 1
+        tensors.append(
+            {"name": name, "shape": shape, "type": ttype, "buffer": buffer, "sig": signature}
+            | {"quant": quant}
+        )
+        return len(tensors) - 1
+
+    def operator(op: int, inputs: list[int], outputs: list[int], act: int = -1) -> None:
+        if op not in opcodes:
+            opcodes.append(op)
+        operators.append((opcodes.index(op), inputs, outputs, act))
+
+    n, f, c = 1, spec.n_features, spec.n_classes
+    current = tensor(INPUT_NAME, [n, f], tensor_type.FLOAT32, signature=[-1, f])
+    graph_input = current
+    if spec.feature_mean:
+        mean = tensor("feature_mean", [f], tensor_type.FLOAT32, np.float32(spec.feature_mean))
+        scale = tensor("feature_scale", [f], tensor_type.FLOAT32, np.float32(spec.feature_scale))
+        centered = tensor("centered", [n, f], tensor_type.FLOAT32, signature=[-1, f])
+        standardized = tensor("standardized", [n, f], tensor_type.FLOAT32, signature=[-1, f])
+        operator(builtin_op.SUB, [current, mean], [centered])
+        operator(builtin_op.DIV, [centered, scale], [standardized])
+        current = standardized
+    layers = _layers(spec)
+    for i, (w_name, b_name, relu) in enumerate(layers):
+        q, scales = _quantize_weight(np.asarray(params[w_name], dtype=np.float32), per_channel)
+        width = q.shape[1]
+        # TFLite keeps FULLY_CONNECTED weights as (out, in); per-channel along axis 0.
+        weight = tensor(
+            f"{w_name}_int8",
+            [width, q.shape[0]],
+            tensor_type.INT8,
+            np.ascontiguousarray(q.T),
+            quant=(scales, 0),
+        )
+        bias = tensor(b_name, [width], tensor_type.FLOAT32, np.float32(params[b_name]))
+        last = i == len(layers) - 1
+        out_name = OUTPUT_NAME if last else f"{w_name}_activation"
+        out = tensor(out_name, [n, width], tensor_type.FLOAT32, signature=[-1, width])
+        act = activation.RELU if relu else activation.NONE
+        operator(builtin_op.FULLY_CONNECTED, [current, weight, bias], [out], act)
+        current = out
+    graph_output = current
+    assert tensors[graph_output]["shape"][1] == c
+
+    b = flatbuffers.Builder(1024)
+
+    def int_vector(start, values, prepend="PrependInt32"):
+        start(b, len(values))
+        for v in reversed(values):
+            getattr(b, prepend)(v)
+        return b.EndVector()
+
+    def table_vector(start, offsets):
+        start(b, len(offsets))
+        for off in reversed(offsets):
+            b.PrependUOffsetTRelative(off)
+        return b.EndVector()
+
+    buffer_offsets = []
+    for data in buffers:
+        data_off = b.CreateNumpyVector(np.frombuffer(data, dtype=np.uint8)) if data else None
+        t_buffer.BufferStart(b)
+        if data_off is not None:
+            t_buffer.BufferAddData(b, data_off)
+        buffer_offsets.append(t_buffer.BufferEnd(b))
+
+    tensor_offsets = []
+    for t in tensors:
+        name = b.CreateString(t["name"])
+        shape = int_vector(t_tensor.TensorStartShapeVector, t["shape"])
+        sig = int_vector(t_tensor.TensorStartShapeSignatureVector, t["sig"]) if t["sig"] else None
+        quant = None
+        if t["quant"] is not None:
+            scales, axis = t["quant"]
+            scale_vec = b.CreateNumpyVector(np.asarray(scales, dtype=np.float32))
+            zero_vec = b.CreateNumpyVector(np.zeros(len(scales), dtype=np.int64))
+            t_quant.QuantizationParametersStart(b)
+            t_quant.QuantizationParametersAddScale(b, scale_vec)
+            t_quant.QuantizationParametersAddZeroPoint(b, zero_vec)
+            t_quant.QuantizationParametersAddQuantizedDimension(b, axis)
+            quant = t_quant.QuantizationParametersEnd(b)
+        t_tensor.TensorStart(b)
+        t_tensor.TensorAddShape(b, shape)
+        if sig is not None:
+            t_tensor.TensorAddShapeSignature(b, sig)
+        t_tensor.TensorAddType(b, t["type"])
+        t_tensor.TensorAddBuffer(b, t["buffer"])
+        t_tensor.TensorAddName(b, name)
+        if quant is not None:
+            t_tensor.TensorAddQuantization(b, quant)
+        tensor_offsets.append(t_tensor.TensorEnd(b))
+
+    operator_offsets = []
+    for opcode_index, inputs, outputs, act in operators:
+        in_vec = int_vector(t_operator.OperatorStartInputsVector, inputs)
+        out_vec = int_vector(t_operator.OperatorStartOutputsVector, outputs)
+        options = None
+        if act >= 0:
+            t_fc.FullyConnectedOptionsStart(b)
+            t_fc.FullyConnectedOptionsAddFusedActivationFunction(b, act)
+            # Quantize each row's activations with its own range (better accuracy than one
+            # symmetric range per batch).
+            t_fc.FullyConnectedOptionsAddAsymmetricQuantizeInputs(b, True)
+            options = t_fc.FullyConnectedOptionsEnd(b)
+        t_operator.OperatorStart(b)
+        t_operator.OperatorAddOpcodeIndex(b, opcode_index)
+        t_operator.OperatorAddInputs(b, in_vec)
+        t_operator.OperatorAddOutputs(b, out_vec)
+        if options is not None:
+            t_operator.OperatorAddBuiltinOptionsType(b, builtin_options.FullyConnectedOptions)
+            t_operator.OperatorAddBuiltinOptions(b, options)
+        operator_offsets.append(t_operator.OperatorEnd(b))
+
+    graph_name = b.CreateString("main")
+    tensors_vec = table_vector(t_subgraph.SubGraphStartTensorsVector, tensor_offsets)
+    inputs_vec = int_vector(t_subgraph.SubGraphStartInputsVector, [graph_input])
+    outputs_vec = int_vector(t_subgraph.SubGraphStartOutputsVector, [graph_output])
+    ops_vec = table_vector(t_subgraph.SubGraphStartOperatorsVector, operator_offsets)
+    t_subgraph.SubGraphStart(b)
+    t_subgraph.SubGraphAddTensors(b, tensors_vec)
+    t_subgraph.SubGraphAddInputs(b, inputs_vec)
+    t_subgraph.SubGraphAddOutputs(b, outputs_vec)
+    t_subgraph.SubGraphAddOperators(b, ops_vec)
+    t_subgraph.SubGraphAddName(b, graph_name)
+    subgraph = t_subgraph.SubGraphEnd(b)
+
+    opcode_offsets = []
+    for op in opcodes:
+        t_opcode.OperatorCodeStart(b)
+        t_opcode.OperatorCodeAddDeprecatedBuiltinCode(b, min(op, 127))
+        t_opcode.OperatorCodeAddBuiltinCode(b, op)
+        t_opcode.OperatorCodeAddVersion(b, 1)
+        opcode_offsets.append(t_opcode.OperatorCodeEnd(b))
+
+    # Metadata entries (spec, model hash, quantization) point at extra buffers.
+    metadata_offsets = []
+    first_meta_buffer = len(buffer_offsets)
+    for j, (key, value) in enumerate(_metadata(spec, params, per_channel).items()):
+        data_off = b.CreateNumpyVector(np.frombuffer(value.encode(), dtype=np.uint8))
+        t_buffer.BufferStart(b)
+        t_buffer.BufferAddData(b, data_off)
+        buffer_offsets.append(t_buffer.BufferEnd(b))
+        key_off = b.CreateString(key)
+        t_meta.MetadataStart(b)
+        t_meta.MetadataAddName(b, key_off)
+        t_meta.MetadataAddBuffer(b, first_meta_buffer + j)
+        metadata_offsets.append(t_meta.MetadataEnd(b))
+
+    description = b.CreateString("fedledger int8 model")
+    opcodes_vec = table_vector(t_model.ModelStartOperatorCodesVector, opcode_offsets)
+    subgraphs_vec = table_vector(t_model.ModelStartSubgraphsVector, [subgraph])
+    buffers_vec = table_vector(t_model.ModelStartBuffersVector, buffer_offsets)
+    metadata_vec = table_vector(t_model.ModelStartMetadataVector, metadata_offsets)
+    t_model.ModelStart(b)
+    t_model.ModelAddVersion(b, 3)
+    t_model.ModelAddOperatorCodes(b, opcodes_vec)
+    t_model.ModelAddSubgraphs(b, subgraphs_vec)
+    t_model.ModelAddDescription(b, description)
+    t_model.ModelAddBuffers(b, buffers_vec)
+    t_model.ModelAddMetadata(b, metadata_vec)
+    b.Finish(t_model.ModelEnd(b), file_identifier=b"TFL3")
+    return bytes(b.Output())
+
+
+def export_tflite(
+    spec: ModelSpec,
+    params: Mapping[str, np.ndarray],
+    path: str | Path,
+    *,
+    per_channel: bool = True,
+) -> Path:
+    """Write the int8-weight TFLite flatbuffer of ``spec``/``params`` to ``path``."""
+    data = build_tflite(spec, params, per_channel=per_channel)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data)
+    return path
+
+
+def export_model(
+    spec: ModelSpec,
+    params: Mapping[str, np.ndarray],
+    path: str | Path,
+    *,
+    fmt: str,
+    per_channel: bool = True,
+) -> Path:
+    """Export in ``fmt`` (one of :data:`EXPORT_FORMATS`)."""
+    if fmt == "onnx":
+        return export_onnx(spec, params, path, per_channel=per_channel)
+    if fmt == "tflite":
+        return export_tflite(spec, params, path, per_channel=per_channel)
+    raise ValueError(f"export format {fmt!r} is not one of {EXPORT_FORMATS}")
