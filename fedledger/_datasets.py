@@ -3,11 +3,14 @@ federated fleets see them (non-IID across devices)."""
 
 from __future__ import annotations
 
+import hashlib
+import json
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
-DATASETS = ("breast_cancer",)
+DATASETS = ("breast_cancer", "digits")
 
 
 @dataclass(frozen=True)
@@ -24,12 +27,20 @@ def load_dataset(
     name: str = "breast_cancer", *, test_fraction: float = 0.2, seed: int = 0
 ) -> Dataset:
     """Load a bundled data set and make a stratified train/held-out split."""
-    if name != "breast_cancer":
+    if name not in DATASETS:
         raise ValueError(f"unknown data set {name!r}; available: {', '.join(DATASETS)}")
-    from sklearn.datasets import load_breast_cancer
+    from sklearn import datasets
+
+    x, y = getattr(datasets, f"load_{name}")(return_X_y=True)
+    return split_dataset(name, x, y, test_fraction=test_fraction, seed=seed)
+
+
+def split_dataset(
+    name: str, x: np.ndarray, y: np.ndarray, *, test_fraction: float = 0.2, seed: int = 0
+) -> Dataset:
+    """A stratified train/held-out split of any (features, integer labels) table."""
     from sklearn.model_selection import train_test_split
 
-    x, y = load_breast_cancer(return_X_y=True)
     x_train, x_test, y_train, y_test = train_test_split(
         x.astype(np.float32),
         y.astype(np.int64),
@@ -37,7 +48,15 @@ def load_dataset(
         stratify=y,
         random_state=seed,
     )
-    return Dataset(name, x_train, y_train, x_test, y_test, int(y.max()) + 1)
+    return Dataset(name, x_train, y_train, x_test, y_test, int(np.max(y)) + 1)
+
+
+def iid_partition(n_samples: int, n_devices: int, *, seed: int) -> list[np.ndarray]:
+    """Shuffle and deal the samples out evenly: every device sees the same label mix."""
+    if not 1 <= n_devices <= n_samples:
+        raise ValueError(f"{n_samples} samples cannot be split across {n_devices} devices")
+    order = np.random.default_rng(seed).permutation(n_samples)
+    return [np.sort(part) for part in np.array_split(order, n_devices)]
 
 
 def dirichlet_partition(
@@ -65,3 +84,47 @@ def dirichlet_partition(
         if min(len(p) for p in parts) >= min_samples:
             return [np.sort(np.asarray(p, dtype=np.int64)) for p in parts]
     raise ValueError(f"no Dirichlet({alpha}) split gave every device {min_samples} samples")
+
+
+def write_split(
+    out: Path,
+    dataset: Dataset,
+    parts: list[np.ndarray],
+    *,
+    description: dict[str, object],
+) -> dict[str, object]:
+    """Write ``device-NN/data.npz`` per device, ``holdout.npz`` for the gateway, and a
+    ``manifest.json`` (sample and label counts and the SHA-256 of every file)."""
+    out.mkdir(parents=True, exist_ok=True)
+    devices = []
+    for number, idx in enumerate(parts, start=1):
+        home = out / f"device-{number:02d}"
+        home.mkdir(exist_ok=True)
+        path = home / "data.npz"
+        y = dataset.y_train[idx]
+        np.savez(path, x=dataset.x_train[idx], y=y)
+        devices.append(
+            {
+                "device": home.name,
+                "path": str(path.relative_to(out)),
+                "samples": len(idx),
+                "labels": np.bincount(y, minlength=dataset.n_classes).tolist(),
+                "sha256": hashlib.sha256(path.read_bytes()).hexdigest(),
+            }
+        )
+    holdout = out / "holdout.npz"
+    np.savez(holdout, x=dataset.x_test, y=dataset.y_test)
+    manifest = {
+        **description,
+        "dataset": dataset.name,
+        "classes": dataset.n_classes,
+        "features": int(dataset.x_train.shape[1]),
+        "holdout": {
+            "path": holdout.name,
+            "samples": len(dataset.y_test),
+            "sha256": hashlib.sha256(holdout.read_bytes()).hexdigest(),
+        },
+        "devices": devices,
+    }
+    (out / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    return manifest

@@ -275,3 +275,42 @@ def test_model_export_from_the_store_runs_on_device_runtimes(tmp_path):
         "model", "export", "--task", str(work / "task.toml"), "--out", str(tmp_path / "x.onnx")
     )
     assert missing.returncode == 2 and "--model" in missing.stderr
+
+
+def test_data_split_writes_device_files_and_a_manifest(tmp_path):
+    import numpy as np
+
+    from fedcore import load_local_data
+
+    done = run("data", "split", "--out", str(tmp_path / "s"), "--devices", "4", "--dirichlet", "0.5",
+               "--dataset", "digits", "--seed", "3", "--json")  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    manifest = json.loads(done.stdout)
+    assert manifest["split"] == "dirichlet" and manifest["classes"] == 10
+    assert [d["device"] for d in manifest["devices"]] == [f"device-0{i}" for i in range(1, 5)]
+    total = 0
+    for d in manifest["devices"]:
+        x, y = load_local_data(tmp_path / "s" / d["path"])
+        assert len(y) == d["samples"] and np.bincount(y, minlength=10).tolist() == d["labels"]
+        total += len(y)
+    assert total + manifest["holdout"]["samples"] == 1797  # every digit exactly once
+    again = run("data", "split", "--out", str(tmp_path / "t"), "--devices", "4", "--dirichlet", "0.5",
+                "--dataset", "digits", "--seed", "3", "--json")  # fmt: skip
+    assert [d["sha256"] for d in json.loads(again.stdout)["devices"]] == [
+        d["sha256"] for d in manifest["devices"]
+    ]
+
+
+def test_data_split_iid_from_a_csv(tmp_path):
+    rows = "\n".join(f"{i},{i % 7},{i % 2}" for i in range(40))
+    (tmp_path / "site.csv").write_text("a,b,label\n" + rows + "\n")
+    done = run("data", "split", "--out", str(tmp_path / "s"), "--devices", "4", "--iid",
+               "--csv", str(tmp_path / "site.csv"), "--json")  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    manifest = json.loads(done.stdout)
+    assert [d["samples"] for d in manifest["devices"]] == [8, 8, 8, 8]
+    assert manifest["holdout"]["samples"] == 8
+    bad = run(
+        "data", "split", "--out", str(tmp_path / "u"), "--devices", "2", "--iid", "--dirichlet", "1"
+    )
+    assert bad.returncode == 2 and "exactly one" in bad.stderr
