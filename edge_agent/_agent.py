@@ -186,7 +186,7 @@ class EdgeAgent:
             local = train(
                 self.spec, global_params, self.x, self.y,
                 epochs=self.epochs, batch_size=self.batch_size, lr=self.task.training.lr,
-                seed=seed,
+                seed=seed, prox_mu=self.task.training.prox_mu,
             )  # fmt: skip
         if self.metrics is not None:
             self.metrics.training.observe(time.perf_counter() - started)

@@ -138,11 +138,17 @@ def train(
     lr: float,
     seed: int,
     l2: float = 1e-4,
+    prox_mu: float = 0.0,
 ) -> Params:
-    """Mini-batch SGD on softmax cross-entropy; returns new parameters, inputs untouched."""
+    """Mini-batch SGD on softmax cross-entropy; returns new parameters, inputs untouched.
+
+    ``prox_mu > 0`` adds FedProx's proximal term ``mu/2 * ||w - w_global||^2`` (Li et al.,
+    2020), which keeps a device with skewed data from drifting far from the global model.
+    """
     x = _standardize(spec, x)
     y = np.asarray(y, dtype=np.int64)
     p = {k: np.array(v, dtype=np.float32, copy=True) for k, v in params.items()}
+    anchor = {k: np.asarray(v, dtype=np.float32) for k, v in params.items()} if prox_mu else None
     rng = np.random.default_rng(seed)
     n = len(y)
     for _ in range(epochs):
@@ -163,5 +169,7 @@ def train(
                     "b1": gh.sum(axis=0),
                 }
             for name, grad in grads.items():
+                if anchor is not None:
+                    grad = grad + np.float32(prox_mu) * (p[name] - anchor[name])
                 p[name] -= np.float32(lr) * grad.astype(np.float32)
     return p

@@ -36,6 +36,8 @@ class TrainingSection(StrictModel):
     epochs: Annotated[int, Field(ge=1, le=1000)] = 5
     batch_size: Annotated[int, Field(ge=1)] = 16
     lr: Annotated[float, Field(gt=0, le=10)] = 0.1
+    #: FedProx's proximal coefficient (0: plain local SGD, as FedAvg).
+    prox_mu: Annotated[float, Field(ge=0, le=100)] = 0.0
 
 
 class TaskSpec(StrictModel):

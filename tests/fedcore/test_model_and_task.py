@@ -88,3 +88,22 @@ def test_local_data_formats(tmp_path):
 
 def test_topic_device_with_newline_is_not_a_device():
     assert device_from_topic("fedledger/v1/t/update/d1\n", "t") is None
+
+
+def test_fedprox_term_keeps_local_training_near_the_global_model(task, dataset):
+    spec = task.model_spec()
+    start = init_params(spec)
+    # a device that only has one class: plain SGD drifts far, FedProx much less
+    idx = dataset.y_train == 1
+    x, y = dataset.x_train[idx][:40], dataset.y_train[idx][:40]
+    plain = train(spec, start, x, y, epochs=20, batch_size=8, lr=0.1, seed=0)
+    prox = train(spec, start, x, y, epochs=20, batch_size=8, lr=0.1, seed=0, prox_mu=1.0)
+
+    def drift(p):
+        return sum(float(np.sum((p[k] - start[k]) ** 2)) for k in start)
+
+    assert drift(prox) < 0.5 * drift(plain)
+    assert (
+        train(spec, start, x, y, epochs=1, batch_size=8, lr=0.1, seed=0, prox_mu=0.0)["w"].tolist()
+        == train(spec, start, x, y, epochs=1, batch_size=8, lr=0.1, seed=0)["w"].tolist()
+    )
