@@ -378,6 +378,38 @@ def ledger_device(
     console.print(table)
 
 
+@ledger_app.command("revoke-device")
+def ledger_revoke_device(
+    device_id: Annotated[str, typer.Argument(help="The device to revoke.")],
+    db: DbOption,
+    reason: Annotated[str, typer.Option(help="Why, recorded on the ledger.")] = "revoked",
+    key: Annotated[
+        Path,
+        typer.Option(help="The gateway's signing key (the embedded ledger is signed with it)."),
+    ] = Path("keys/gateway.pem"),
+    org: Annotated[str, typer.Option(help="The organisation whose admin revokes.")] = "org1",
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """Revoke a device as the site's admin: from the next round on the gateway refuses its
+    updates (reason `revoked`), and the contract refuses to record them."""
+    from fedcore import load_private_key, public_key_b64, signer_from_key
+    from ledger import EmbeddedLedger, Identity
+
+    signer_key = load_private_key(key)
+    if not db.is_file():
+        raise typer.BadParameter(f"no ledger at {db}", param_hint="--db")
+    with EmbeddedLedger(
+        db, signer=signer_from_key(signer_key), public_key=public_key_b64(signer_key)
+    ) as chain:
+        record = chain.submit(
+            "RevokeDevice", device_id, reason, identity=Identity(org, "admin", "admin")
+        )
+    if as_json:
+        sys.stdout.write(json.dumps(record, indent=2) + "\n")
+    else:
+        console.print(f"device {device_id} revoked ({reason})", highlight=False)
+
+
 @ledger_app.command("serve-chaincode")
 def ledger_serve_chaincode(
     address: Annotated[
@@ -800,13 +832,21 @@ def bench_aggregate(
 def bench_ingest(
     messages: Annotated[int, typer.Option(min=10, help="Updates to send.")] = 2000,
     size: Annotated[int, typer.Option(min=256, help="Approximate update size in bytes.")] = 10_240,
+    tls: Annotated[
+        bool,
+        typer.Option(
+            "--tls",
+            help="Also measure both rates over mutual TLS (temporary CA, TLS-only broker) and"
+            " report the TLS cost (plain / TLS rate).",
+        ),
+    ] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON only.")] = False,
 ) -> None:
     """Signed updates per second through Mosquitto and the gateway into SQLite, beside the
     rate at which Mosquitto alone passes the same messages (both measured now)."""
     from bench.ingest import run
 
-    _print_bench(run(messages=messages, size=size), as_json)
+    _print_bench(run(messages=messages, size=size, tls=tls), as_json)
 
 
 @bench_app.command("ledger")

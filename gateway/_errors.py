@@ -22,6 +22,7 @@ REJECT_REASONS = (
     "topic_mismatch",
     "wrong_task",
     "unknown_device",
+    "revoked",
     "bad_signature",
     "stale_round",
     "future_round",

@@ -153,6 +153,7 @@ class Gateway:
         self._pending: list[AcceptedUpdate] = []
         self._pending_devices: set[str] = set()
         self._pending_rejections: list[PendingRejection] = []
+        self._revoked: frozenset[str] = frozenset()
         self._open: _OpenRound | None = None
         self._final_hash: str | None = None
         self._presence_prefix = presence_topic(task.id, "")
@@ -268,6 +269,7 @@ class Gateway:
                     base=current.base_hash,
                     has_update=self._has_update,
                     last_counter=lambda d: self._counters.get(d, -1),
+                    revoked=self._revoked,
                 ),
             )
         except Rejected as exc:
@@ -351,12 +353,7 @@ class Gateway:
             base_params=params,
             opened_at=now,
             deadline=deadline,
-            accumulator=RoundAggregator(
-                self.spec.shapes(),
-                rule=self.task.aggregation,
-                options=self.task.aggregation_options,
-                capacity=len(self.registry),
-            ),
+            accumulator=self._new_aggregator(),
         )
         if resume:
             for stored in self.store.updates(self.task.id, round_):
@@ -367,6 +364,7 @@ class Gateway:
                 current.rejections.append(rejection)
             log.info("resumed round %d with %d stored updates", round_, len(current.devices))
         self._open = current
+        self._revoked = self._ledger_revoked()
         if self._catch_up():
             self._ledger_open(round_, base_hash, deadline)
         self.stats.current_round = round_
@@ -381,9 +379,15 @@ class Gateway:
         current = self._open
         if current is None:
             return
-        everyone = len(current.devices) >= len(self.registry)
+        everyone = len(current.devices) >= len(self.registry) - len(self._revoked)
         if not everyone and self._clock() < current.deadline:
             return
+        # A device revoked while the round was open must not reach the model: the
+        # contract would refuse to record it, and the record would not match the model.
+        self._revoked = self._ledger_revoked()
+        late = sorted(current.devices & self._revoked)
+        if late:
+            self._drop_revoked(current, late)
         if len(current.devices) < self.task.quorum:
             current.deadline = self._clock() + self.task.round_timeout
             log.warning(
@@ -399,6 +403,30 @@ class Gateway:
             self._publish_model(current.round, "open", current.deadline, current.base_params)
             return
         self._close(current)
+
+    def _drop_revoked(self, current: _OpenRound, late: list[str]) -> None:
+        """Rebuild the round's aggregate from the store without ``late`` devices' updates."""
+        log.warning("round %d: dropping updates of revoked devices %s", current.round, late)
+        current.accumulator = self._new_aggregator()
+        current.contributors = [c for c in current.contributors if c["device"] not in late]
+        current.devices -= set(late)
+        for stored in self.store.updates(self.task.id, current.round):
+            if stored.device in late:
+                current.rejected["revoked"] += 1
+                self.stats.rejected["revoked"] += 1
+                current.rejections.append(
+                    {"device": stored.device, "digest": stored.digest, "reason": "revoked"}
+                )
+            else:
+                current.accumulator.add(list(self._stored_views(stored.frame)), stored.samples)
+
+    def _new_aggregator(self) -> RoundAggregator:
+        return RoundAggregator(
+            self.spec.shapes(),
+            rule=self.task.aggregation,
+            options=self.task.aggregation_options,
+            capacity=len(self.registry),
+        )
 
     def _close(self, current: _OpenRound) -> None:
         started = time.perf_counter()
@@ -539,6 +567,28 @@ class Gateway:
         except (LedgerError, OSError) as exc:
             self.stats.ledger_failures += 1
             log.error("ledger could not open round %d (retried at close): %s", round_, exc)
+
+    def _ledger_revoked(self) -> frozenset[str]:
+        """Registered devices the ledger says are revoked, read once per round.
+
+        The contract refuses a revoked device's accepted update, so the gateway must refuse
+        it first; if the ledger cannot be read, the last known set stays in force.
+        """
+        revoked = set()
+        try:
+            for device in self.registry:
+                try:
+                    record = self.ledger.evaluate("GetDevice", device, identity=self.identity)
+                except ContractError as exc:
+                    if exc.code != "not_found":
+                        raise
+                    continue
+                if record.get("status") == "revoked":
+                    revoked.add(device)
+        except (LedgerError, OSError) as exc:
+            log.error("could not read device status from the ledger: %s", exc)
+            return self._revoked
+        return frozenset(revoked)
 
     def _ledger_round(self, round_: int) -> dict[str, Any] | None:
         try:

@@ -40,6 +40,8 @@ class RoundContext:
     base: str
     has_update: Callable[[str], bool]
     last_counter: Callable[[str], int]
+    #: Devices revoked on the ledger: their updates are refused even when signed correctly.
+    revoked: frozenset[str] = frozenset()
 
 
 class UpdateValidator:
@@ -75,6 +77,8 @@ class UpdateValidator:
         key = self.registry.public_key(header.device)
         if key is None:
             raise Rejected("unknown_device", "device is not registered", device=sender)
+        if header.device in ctx.revoked:
+            raise Rejected("revoked", "device is revoked on the ledger", device=sender)
         try:
             verify_signature(key, envelope.signature, envelope.signed)
         except SignatureError:

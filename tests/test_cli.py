@@ -314,3 +314,33 @@ def test_data_split_iid_from_a_csv(tmp_path):
         "data", "split", "--out", str(tmp_path / "u"), "--devices", "2", "--iid", "--dirichlet", "1"
     )
     assert bad.returncode == 2 and "exactly one" in bad.stderr
+
+
+@pytest.mark.mqtt
+def test_revoke_device_on_the_embedded_ledger(tmp_path):
+    done = run(
+        "demo", "--devices", "3", "--rounds", "1", "--agents", "thread", "--no-plot", "--quiet",
+        "--workdir", str(tmp_path / "work"), cwd=tmp_path,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    work = tmp_path / "work"
+    db = str(work / "ledger.sqlite")
+    revoked = run("ledger", "revoke-device", "device-02", "--db", db, "--reason", "lost",
+                  "--key", str(work / "keys" / "gateway.pem"), "--json")  # fmt: skip
+    assert revoked.returncode == 0, revoked.stderr
+    assert json.loads(revoked.stdout)["status"] == "revoked"
+    device = json.loads(run("ledger", "device", "device-02", "--db", db, "--json").stdout)
+    assert (
+        device["device"]["status"] == "revoked" and device["device"]["revocation_reason"] == "lost"
+    )
+    again = run(
+        "ledger",
+        "revoke-device",
+        "device-02",
+        "--db",
+        db,
+        "--key",
+        str(work / "keys" / "gateway.pem"),
+    )
+    assert again.returncode == 2 and "conflict" in again.stderr
+    assert run("ledger", "verify", "--db", db).returncode == 0

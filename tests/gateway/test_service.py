@@ -217,3 +217,23 @@ def test_robust_rules_aggregate_and_are_recorded(
     assert last["aggregation"] == rule
     assert last["metrics"]["updates_dropped"] == 0.0
     assert gateway.ledger.verify(replay=True, store=gateway.store).ok
+
+
+def test_a_device_revoked_on_the_ledger_is_refused(world, task):
+    _broker, _clock, gateway, agents = world
+    gateway.start()
+    pump(gateway, agents)  # round 0 with everyone
+    admin = Identity(msp_id="org1", subject="admin", role="admin")
+    gateway.ledger.submit("RevokeDevice", "dev-3", "stolen", identity=admin)
+    for _ in range(6):
+        pump(gateway, agents)
+    assert gateway.finished
+    # round 1 was open when it happened: dev-3's update is dropped at the close
+    # round 2: refused on arrival, and the round does not wait for it
+    assert [r.participants for r in gateway.results] == [5, 4, 4]
+    assert [r.rejected_by_reason for r in gateway.results[1:]] == [{"revoked": 1}] * 2
+    for r in (1, 2):
+        record = gateway.ledger.evaluate("GetRound", task.id, r, identity=admin)
+        assert "dev-3" not in record["contributors"]
+        assert record["rejected_by_reason"] == {"revoked": 1}
+    assert gateway.ledger.verify(replay=True, store=gateway.store).ok
