@@ -18,11 +18,25 @@ The clients are ``fedcore.MqttTransport``s in this process, and the publisher ru
 own thread in both cases while the main thread receives (the subscriber's queue, or
 ``Gateway.step``), so the two figures share the same client-side costs. The frames are
 built and signed before either clock starts.
+
+With ``tls=True`` the same run measures both figures again over mutual TLS: a CA in a
+temporary directory issues certificates for the broker (127.0.0.1 in its subjectAltName),
+the gateway, the baseline subscriber, the publishers and a presence-probe device, and
+``MosquittoBroker(secure=...)`` runs the production TLS-only configuration with its
+generated ACL (plus the open broker's queue limits, so only TLS and the ACL differ). The
+publisher stays ONE client, as in the plain run: it is a dedicated benchmark identity the
+ACL lets write ``fedledger/v1/<task>/update/#`` (``SecureBrokerFiles.publishers``), rather
+than one certificate and connection per device, so the TLS figures differ from the plain
+ones by the TLS (and ACL) cost alone, not by a different client topology; the gateway still
+verifies every update's device signature. Each TLS measurement gets a fresh broker (the
+baseline subscriber's persistent session would otherwise keep matching the gateway run's
+topics). ``tls_cost_*`` = plain rate / TLS rate.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import queue
 import tempfile
 import threading
@@ -46,9 +60,10 @@ from fedcore import (
     presence_topic,
     public_key_b64,
     signer_from_key,
+    update_subscription,
     update_topic,
 )
-from fedledger._broker import MosquittoBroker
+from fedledger._broker import MosquittoBroker, SecureBrokerFiles
 
 from ._timing import sig
 
@@ -108,8 +123,80 @@ def _n_features_for(size: int, devices: Sequence[str], keys: dict) -> int:
     return max(1, round((size - overhead) / N_CLASSES))
 
 
-def _transport(broker: MosquittoBroker, client_id: str) -> MqttTransport:
-    return MqttTransport(MqttSettings(host=broker.host, port=broker.port, client_id=client_id))
+#: TLS identities (certificate CN = client id): publishers write any device's update topic,
+#: the baseline subscriber reads them as a gateway does, the probe announces its presence.
+_GATEWAY = "bench-gateway"
+_BASELINE_SUB = "bench-baseline-sub"
+_BASELINE_PUB = "bench-baseline-pub"
+_GATEWAY_PUB = "bench-gateway-pub"
+_PROBE_DEVICE = "bench-probe"
+#: The open broker's queue limits (MosquittoBroker's open config), for the TLS broker too:
+#: Mosquitto's default of 1000 queued messages would drop QoS 1 updates behind the gateway.
+_QUEUE_LIMITS = "max_queued_messages 100000\nmax_inflight_messages 100\n"
+
+
+@dataclasses.dataclass(frozen=True)
+class _Tls:
+    """A temporary PKI and the TLS-only broker configuration that trusts it."""
+
+    ca: Path
+    clients: dict[str, tuple[Path, Path]]  # identity -> (certificate, key)
+    secure: SecureBrokerFiles
+
+    @classmethod
+    def create(cls, directory: Path) -> _Tls:
+        from fedledger._pki import ca_cert_path, init_ca, issue
+
+        init_ca(directory, "bench")
+        broker = issue(directory, "broker", "bench-broker", ips=["127.0.0.1"])
+        kinds = {
+            _GATEWAY: "gateway",
+            _BASELINE_SUB: "gateway",
+            _BASELINE_PUB: "device",
+            _GATEWAY_PUB: "device",
+            _PROBE_DEVICE: "device",
+        }
+        clients = {}
+        for name, kind in kinds.items():
+            issued = issue(directory, kind, name)  # type: ignore[arg-type]
+            clients[name] = (issued.cert, issued.key)
+        secure = SecureBrokerFiles(
+            ca=ca_cert_path(directory),
+            server_cert=broker.cert,
+            server_key=broker.key,
+            devices=[_PROBE_DEVICE],
+            gateways=[_GATEWAY, _BASELINE_SUB],
+            tasks=[TASK_ID],
+            publishers=[_BASELINE_PUB, _GATEWAY_PUB],
+        )
+        return cls(ca_cert_path(directory), clients, secure)
+
+
+class _TlsBroker(MosquittoBroker):
+    """The production TLS-only broker with the open broker's queue limits."""
+
+    def _write_secure_config(self, root: Path) -> Path:
+        conf = super()._write_secure_config(root)
+        with conf.open("a") as handle:
+            handle.write("# Benchmark: the same queue limits as the open broker.\n")
+            handle.write(_QUEUE_LIMITS)
+        return conf
+
+
+def _transport(broker: MosquittoBroker, client_id: str, tls: _Tls | None = None) -> MqttTransport:
+    if tls is None:
+        return MqttTransport(MqttSettings(host=broker.host, port=broker.port, client_id=client_id))
+    cert, key = tls.clients[client_id]
+    return MqttTransport(
+        MqttSettings(
+            host=broker.host,
+            port=broker.port,
+            client_id=client_id,
+            tls_ca=tls.ca,
+            tls_cert=cert,
+            tls_key=key,
+        )
+    )
 
 
 def _connect(transport: MqttTransport) -> None:
@@ -151,19 +238,27 @@ class _Publisher(threading.Thread):
             raise RuntimeError(f"publisher failed: {self.error}") from self.error
 
 
-def _baseline(broker: MosquittoBroker, frames: Sequence[bytes]) -> tuple[float, int]:
+def _baseline(
+    broker: MosquittoBroker, frames: Sequence[bytes], tls: _Tls | None = None
+) -> tuple[float, int]:
     """Mosquitto alone: (seconds from first publish to last arrival, messages delivered)."""
-    publisher = _transport(broker, "bench-baseline-pub")
-    subscriber = _transport(broker, "bench-baseline-sub")
+    publisher = _transport(broker, _BASELINE_PUB, tls)
+    subscriber = _transport(broker, _BASELINE_SUB, tls)
+    if tls is None:
+        subscription = f"{_BASELINE_TOPIC}/#"
+        probe_topic, topic = f"{_BASELINE_TOPIC}/probe", f"{_BASELINE_TOPIC}/data"
+    else:  # the only topics the ACL lets these identities use
+        subscription = update_subscription(TASK_ID)
+        probe_topic, topic = update_topic(TASK_ID, "probe"), update_topic(TASK_ID, "baseline")
     try:
-        subscriber.subscribe(f"{_BASELINE_TOPIC}/#", 1)
+        subscriber.subscribe(subscription, 1)
         _connect(subscriber)
         _connect(publisher)
         # The subscription is live once a probe comes back; then nothing else is in flight.
         seen: list[str] = []
 
         def probe() -> None:
-            publisher.publish(f"{_BASELINE_TOPIC}/probe", b"probe", qos=1)
+            publisher.publish(probe_topic, b"probe", qos=1)
             with contextlib.suppress(queue.Empty):
                 seen.append(subscriber.messages.get(timeout=0.2).topic)
 
@@ -172,7 +267,6 @@ def _baseline(broker: MosquittoBroker, frames: Sequence[bytes]) -> tuple[float, 
         while not subscriber.messages.empty():
             subscriber.messages.get_nowait()
 
-        topic = f"{_BASELINE_TOPIC}/data"
         sender = _Publisher(publisher, [(topic, frame) for frame in frames])
         end = time.monotonic() + TIME_LIMIT_S
         sender.start()
@@ -201,6 +295,7 @@ def _gateway_path(
     keys: dict,
     frames: Sequence[bytes],
     workdir: Path,
+    tls: _Tls | None = None,
 ) -> tuple[float, int, dict[str, int]]:
     """Through the gateway: (seconds, accepted, rejected by reason)."""
     from gateway import DeviceRegistry, Gateway, UpdateStore
@@ -220,7 +315,7 @@ def _gateway_path(
         raise
     gateway = Gateway(
         task=task,
-        transport=_transport(broker, "bench-gateway"),
+        transport=_transport(broker, _GATEWAY, tls),
         store=store,
         ledger=ledger,
         registry=registry,
@@ -230,16 +325,20 @@ def _gateway_path(
         # the site's admin registers the devices and the task on the ledger (untimed)
         admin=Identity(msp_id="org1", subject="admin", role="admin"),
     )
-    publisher = _transport(broker, "bench-gateway-pub")
+    publisher = _transport(broker, _GATEWAY_PUB, tls)
+    # Over TLS the publisher may write update topics only: a device announces the presence.
+    prober = publisher if tls is None else _transport(broker, _PROBE_DEVICE, tls)
     try:
         gateway.connect(CONNECT_TIMEOUT_S)
         gateway.start()
         _connect(publisher)
+        if prober is not publisher:
+            _connect(prober)
         # The gateway's subscriptions are live once it has seen a presence probe.
-        probe_device = "bench-probe"
+        probe_device = _PROBE_DEVICE
 
         def probe() -> None:
-            publisher.publish(presence_topic(task.id, probe_device), b"online", qos=1)
+            prober.publish(presence_topic(task.id, probe_device), b"online", qos=1)
             gateway.step(0.2)
 
         _until(
@@ -260,12 +359,36 @@ def _gateway_path(
         assert sender.started_at is not None
         return done - sender.started_at, gateway.stats.accepted, dict(gateway.stats.rejected)
     finally:
+        if prober is not publisher:
+            prober.stop()
         publisher.stop()
         gateway.close()
 
 
-def run(*, messages: int = 2000, size: int = 10_240) -> dict:
-    """Send ``messages`` signed updates of about ``size`` bytes; return both rates as a dict."""
+def _tls_figures(
+    task: TaskSpec, keys: dict, frames: Sequence[bytes], workdir: Path
+) -> tuple[float, int, float, int, dict[str, int]]:
+    """Both measurements over mutual TLS, each on a fresh TLS-only broker."""
+    tls = _Tls.create(workdir / "pki")
+    with _TlsBroker(secure=tls.secure) as broker:
+        mosquitto_s, delivered = _baseline(broker, frames, tls)
+    gateway_dir = workdir / "gateway-tls"
+    gateway_dir.mkdir()
+    with _TlsBroker(secure=tls.secure) as broker:
+        gateway_s, accepted, rejected = _gateway_path(broker, task, keys, frames, gateway_dir, tls)
+    return mosquitto_s, delivered, gateway_s, accepted, rejected
+
+
+def _cost(plain_rate: float, tls_rate: float) -> float | None:
+    return sig(plain_rate / tls_rate, 3) if tls_rate > 0 else None
+
+
+def run(*, messages: int = 2000, size: int = 10_240, tls: bool = False) -> dict:
+    """Send ``messages`` signed updates of about ``size`` bytes; return both rates as a dict.
+
+    ``tls=True`` also measures both rates over mutual TLS (see the module docstring) and adds
+    the ``*_tls`` figures and ``tls_cost_mosquitto``/``tls_cost_gateway`` (plain / TLS rate).
+    """
     if messages < 1 or size < 1:
         raise ValueError("messages and size must be at least 1")
     rng = np.random.default_rng(_SEED)
@@ -278,11 +401,13 @@ def run(*, messages: int = 2000, size: int = 10_240) -> dict:
     with MosquittoBroker() as broker, tempfile.TemporaryDirectory(prefix="fedledger-bench-") as d:
         mosquitto_s, delivered = _baseline(broker, frames)
         gateway_s, accepted, rejected = _gateway_path(broker, task, keys, frames, Path(d))
+        if tls:
+            tls_figures = _tls_figures(task, keys, frames, Path(d))
 
     mosquitto_rate = delivered / mosquitto_s
     gateway_rate = accepted / gateway_s
     ratio = sig(gateway_rate / mosquitto_rate, 3) if mosquitto_rate > 0 else None
-    return {
+    result = {
         "bench": "ingest",
         "messages": messages,
         "message_bytes": message_bytes,
@@ -295,3 +420,25 @@ def run(*, messages: int = 2000, size: int = 10_240) -> dict:
         "accepted": accepted,
         "rejected": dict(sorted(rejected.items())),
     }
+    if not tls:
+        return result
+    tls_mosquitto_s, tls_delivered, tls_gateway_s, tls_accepted, tls_rejected = tls_figures
+    tls_mosquitto_rate = tls_delivered / tls_mosquitto_s
+    tls_gateway_rate = tls_accepted / tls_gateway_s
+    tls_ratio = sig(tls_gateway_rate / tls_mosquitto_rate, 3) if tls_mosquitto_rate > 0 else None
+    result.update(
+        {
+            "tls": True,
+            "mosquitto_tls_msgs_per_s": sig(tls_mosquitto_rate),
+            "gateway_tls_msgs_per_s": sig(tls_gateway_rate),
+            "ratio_gateway_to_mosquitto_tls": tls_ratio,
+            "mosquitto_tls_s": sig(tls_mosquitto_s),
+            "gateway_tls_s": sig(tls_gateway_s),
+            "delivered_tls": tls_delivered,
+            "accepted_tls": tls_accepted,
+            "rejected_tls": dict(sorted(tls_rejected.items())),
+            "tls_cost_mosquitto": _cost(mosquitto_rate, tls_mosquitto_rate),
+            "tls_cost_gateway": _cost(gateway_rate, tls_gateway_rate),
+        }
+    )
+    return result

@@ -59,6 +59,8 @@ class SecureBrokerFiles:
     gateways: Sequence[str]
     tasks: Sequence[str]
     crl: Path | None = None
+    #: Benchmark load generators allowed to write every device's update topics.
+    publishers: Sequence[str] = ()
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -160,6 +162,7 @@ class MosquittoBroker:
             devices=list(secure.devices),
             gateways=list(secure.gateways),
             tasks=list(secure.tasks),
+            publishers=list(secure.publishers),
         )
         user = _unprivileged_user()
         if user is not None:

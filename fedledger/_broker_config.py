@@ -79,8 +79,18 @@ def _file(path: str | os.PathLike[str], key: str) -> Path:
     return resolved
 
 
-def render_acl(*, devices: Sequence[str], gateways: Sequence[str], tasks: Sequence[str]) -> str:
+def render_acl(
+    *,
+    devices: Sequence[str],
+    gateways: Sequence[str],
+    tasks: Sequence[str],
+    publishers: Sequence[str] = (),
+) -> str:
     """The ACL file: per-user grants, everything else denied.
+
+    ``publishers`` (benchmarks only, e.g. ``fedledger bench ingest --tls``) may write every
+    device's update topic of each task, and nothing else: one client sending on behalf of
+    many devices. Production configurations have none.
 
     Mosquitto denies any topic an ``acl_file`` does not grant, for publishing and for
     subscribing alike; a subscription wider than the grants (``#``, ``update/+`` for a device)
@@ -89,6 +99,7 @@ def render_acl(*, devices: Sequence[str], gateways: Sequence[str], tasks: Sequen
     devices = _identifiers(devices, "devices")
     gateways = _identifiers(gateways, "gateways")
     tasks = _identifiers(tasks, "tasks")
+    publishers = _identifiers(publishers, "publishers")
     lines = [
         HEADER.rstrip("\n"),
         "#",
@@ -114,6 +125,12 @@ def render_acl(*, devices: Sequence[str], gateways: Sequence[str], tasks: Sequen
             lines.append(f"topic write {update_topic(task, device)}")
             lines.append(f"topic write {presence_topic(task, device)}")
             lines.append(f"topic read {model_topic(task)}")
+    for publisher in publishers:
+        lines += ["", f"# benchmark publisher {publisher}: writes any device's updates (a load"]
+        lines.append("# generator; the gateway still checks each update's device signature).")
+        lines.append(f"user {publisher}")
+        for task in tasks:
+            lines.append(f"topic write {update_subscription(task).removesuffix('+')}#")
     return "\n".join(lines) + "\n"
 
 
@@ -224,6 +241,7 @@ def write_broker_config(
     tasks: Sequence[str],
     persistence_dir: str | os.PathLike[str] | None = None,
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+    publishers: Sequence[str] = (),
 ) -> BrokerConfigFiles:
     """Write ``mosquitto.conf`` and ``acl`` into ``directory``, naming the TLS files by
     absolute path (they are not copied: deploy them where the broker's user can read them).
@@ -240,6 +258,10 @@ def write_broker_config(
     both = sorted(set(device_ids) & set(gateway_ids))
     if both:
         raise ConfigError(f"{both[0]!r} is both a device and a gateway", key="devices")
+    publisher_ids = _identifiers(publishers, "publishers")
+    shared = sorted(set(publisher_ids) & (set(device_ids) | set(gateway_ids)))
+    if shared:
+        raise ConfigError(f"{shared[0]!r} is a publisher and a device or gateway", key="publishers")
     files = {
         "ca": _file(ca, "ca"),
         "server_cert": _file(server_cert, "server_cert"),
@@ -260,7 +282,10 @@ def write_broker_config(
         persistence_dir=persistence,
         max_message_bytes=max_message_bytes,
     )
-    _write(acl_path, render_acl(devices=device_ids, gateways=gateway_ids, tasks=task_ids))
+    acl = render_acl(
+        devices=device_ids, gateways=gateway_ids, tasks=task_ids, publishers=publisher_ids
+    )
+    _write(acl_path, acl)
     _write(config_path, config)
     return BrokerConfigFiles(config_path, acl_path, device_ids, gateway_ids, task_ids)
 
