@@ -8,18 +8,17 @@ from __future__ import annotations
 
 import importlib.metadata
 import os
-import threading
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
-from prometheus_client import CollectorRegistry, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+
+from fedcore import MetricsEndpoint
 
 from ._agent import AgentError
 
 if TYPE_CHECKING:
-    from wsgiref.simple_server import WSGIServer
-
     from ._agent import EdgeAgent
 
 PREFIX = "fedledger_agent"
@@ -63,7 +62,7 @@ class AgentMetrics:
             registry=registry,
         )
         self._agent: EdgeAgent | None = None
-        self._server: tuple[WSGIServer, threading.Thread] | None = None
+        self._endpoint = MetricsEndpoint(registry, error=AgentError)
         registry.register(self)
 
     def bind(self, agent: EdgeAgent) -> None:
@@ -109,25 +108,13 @@ class AgentMetrics:
     def serve(self, port: int, *, host: str = "127.0.0.1") -> int:
         """Serve the registry at ``http://host:port/metrics`` from a daemon thread; returns the
         bound port (``port=0`` picks a free one). :meth:`close` stops it."""
-        if self._server is not None:
-            raise AgentError(f"metrics are already served on port {self.port}")
-        try:
-            self._server = start_http_server(port, addr=host, registry=self.registry)
-        except OSError as exc:
-            raise AgentError(f"cannot serve metrics on {host}:{port}: {exc}") from None
-        return self._server[0].server_port
+        return self._endpoint.serve(port, host=host)
 
     @property
     def port(self) -> int | None:
         """The port metrics are served on, or None when not served."""
-        return None if self._server is None else self._server[0].server_port
+        return self._endpoint.port
 
     def close(self) -> None:
         """Stop serving metrics (no-op when not served)."""
-        if self._server is None:
-            return
-        server, thread = self._server
-        self._server = None
-        server.shutdown()
-        server.server_close()
-        thread.join(5)
+        self._endpoint.close()

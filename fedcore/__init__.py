@@ -21,6 +21,7 @@ from ._data import load_local_data
 from ._device_class import DeviceBudgetError, DeviceClass, check_task_fits, load_device_class
 from ._errors import CodecError, ConfigError, FedledgerError, SignatureError, WireError
 from ._export import EXPORT_FORMATS, dequantized_params, export_model, export_onnx, export_tflite
+from ._metrics_http import MetricsEndpoint
 from ._model import (
     MODEL_KINDS,
     ModelSpec,
@@ -94,6 +95,7 @@ __all__ = [
     "InMemoryBroker",
     "InMemoryTransport",
     "Message",
+    "MetricsEndpoint",
     "ModelHeader",
     "ModelSpec",
     "MqttSettings",
