@@ -93,7 +93,7 @@ from fabric_protos.peer import proposal_response_pb2 as response_pb
 
 from fedcore import canonical_json
 
-from .._context import ROLES, Identity
+from .._context import ROLES, Identity, _check_key
 from .._contract import ContractError, FedLedgerContract
 from .._errors import LedgerError
 from ._errors import PeerRequestError
@@ -419,12 +419,6 @@ class ShimContext:
             )
         self.event = (name, payload)
         self._stub.set_event(name, payload)
-
-
-def _check_key(key: str) -> None:
-    # Fabric reserves keys starting with U+0000 for composite keys and refuses empty ones.
-    if not isinstance(key, str) or not key or key.startswith("\x00"):
-        raise TypeError(f"invalid state key {key!r}")
 
 
 # ---------------------------------------------------------------------------- chaincode
