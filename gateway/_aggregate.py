@@ -27,26 +27,52 @@ def fedavg(pairs: Sequence[tuple[Mapping[str, np.ndarray], int]]) -> Params:
     return out
 
 
+def _axpy(x: np.ndarray, y: np.ndarray, a: float) -> None:
+    """``y += a * x`` in place for flat float32 arrays, in one pass where BLAS is there."""
+    if _saxpy is not None:
+        out = _saxpy(x, y, a=a)
+        if out is y or np.shares_memory(out, y):
+            return
+        y[...] = out
+        return
+    y += np.float32(a) * x
+
+
+try:  # SciPy ships with the gateway (scikit-learn needs it); a device never aggregates.
+    from scipy.linalg.blas import saxpy as _saxpy
+except ImportError:  # pragma: no cover - exercised only without SciPy
+    _saxpy = None
+
+
 class FedAvgAccumulator:
     """Streaming weighted mean: each update is dequantized straight into one buffer.
 
     ``add`` takes the payload's tensor views (int8 or float32) and folds them in with one
-    multiply-add per tensor; nothing per update is kept.
+    multiply-add per tensor (BLAS ``saxpy`` for float32 data: one pass over the update);
+    nothing per update is kept.
     """
 
     def __init__(self, shapes: Mapping[str, tuple[int, ...]]):
-        self._sums = {name: np.zeros(shape, dtype=np.float32) for name, shape in shapes.items()}
-        self._scratch = {name: np.empty(shape, dtype=np.float32) for name, shape in shapes.items()}
+        self._shapes = dict(shapes)
+        self._sums = {
+            name: np.zeros(int(np.prod(s)), dtype=np.float32) for name, s in shapes.items()
+        }
+        self._scratch = {
+            name: np.empty(int(np.prod(s)), dtype=np.float32) for name, s in shapes.items()
+        }
         self.total_samples = 0
         self.count = 0
 
     def add(self, views: Sequence[TensorView], n_samples: int) -> None:
         for view in views:
-            scratch = self._scratch[view.name]
-            # Widen into the scratch buffer, scale in place, add: no temporaries.
-            np.copyto(scratch, view.data.reshape(scratch.shape), casting="unsafe")
-            scratch *= np.float32(view.scale * n_samples)
-            self._sums[view.name] += scratch
+            data = view.data.reshape(-1)
+            coef = float(view.scale) * n_samples
+            if data.dtype != np.float32:
+                # Widen into the scratch buffer first (int8 payloads).
+                scratch = self._scratch[view.name]
+                np.copyto(scratch, data, casting="unsafe")
+                data = scratch
+            _axpy(data, self._sums[view.name], coef)
         self.total_samples += n_samples
         self.count += 1
 
@@ -63,7 +89,9 @@ class FedAvgAccumulator:
         if self.total_samples <= 0:
             raise ValueError("no updates were accumulated")
         scale = np.float32(1.0 / self.total_samples)
-        return {name: total * scale for name, total in self._sums.items()}
+        return {
+            name: (total * scale).reshape(self._shapes[name]) for name, total in self._sums.items()
+        }
 
 
 class RoundAggregator:
