@@ -58,6 +58,19 @@ class TaskSpec(StrictModel):
     #: The rule's options, e.g. ``{beta = 0.2}`` for trimmed_mean, ``{f = 3}`` for krum,
     #: ``{clip_factor = 1.0}`` to clip every update to the median norm (any rule).
     aggregation_options: dict[str, float | int | bool] = Field(default_factory=dict)
+    #: The server's step with the aggregated update (Reddi et al., 2021): ``sgd`` with
+    #: ``server_lr = 1`` is plain FedAvg; ``fedadam``, ``fedyogi`` and ``fedadagrad`` keep
+    #: moment estimates across rounds (stored by the gateway with each round).
+    server_optimizer: Literal["sgd", "fedadam", "fedyogi", "fedadagrad"] = "sgd"
+    #: The server learning rate; unset: 1 for sgd, 0.1 for the adaptive optimizers.
+    server_lr: Annotated[float, Field(gt=0, le=100)] | None = None
+
+    def aggregation_label(self) -> str:
+        """How the ledger names this task's aggregation: the rule, plus the server optimizer
+        when it is not plain SGD."""
+        if self.server_optimizer == "sgd" and self.server_lr in (None, 1.0):
+            return self.aggregation
+        return f"{self.aggregation}_{self.server_optimizer}"
 
     def model_spec(self) -> ModelSpec:
         return self.model.spec()

@@ -31,6 +31,7 @@ from fedcore import (
     decode_envelope,
     decode_tensors,
     encode_model,
+    encode_tensors,
     init_params,
     iter_tensors,
     model_hash,
@@ -47,6 +48,7 @@ from ._errors import GatewayError, Rejected
 from ._metrics import GatewayMetrics
 from ._registry import DeviceRegistry
 from ._store import PendingRejection, PendingUpdate, UpdateStore
+from ._strategies import ServerOptimizerState, server_step
 from ._validate import AcceptedUpdate, RoundContext, UpdateValidator
 
 log = logging.getLogger(__name__)
@@ -404,6 +406,35 @@ class Gateway:
             return
         self._close(current)
 
+    def _server_step(self, current: _OpenRound, delta: Params) -> tuple[Params, bytes | None]:
+        """The new global model: ``base + delta`` (FedAvg), or an adaptive server step whose
+        state after this round is returned for the store (so a restart resumes it)."""
+        kind, lr = self.task.server_optimizer, self.task.server_lr
+        if kind == "sgd" and lr in (None, 1.0):
+            base = current.base_params
+            return {k: (base[k] + delta[k]).astype(np.float32) for k in base}, None
+        state = None
+        stored = self.store.optimizer_state(self.task.id)
+        if stored is not None and stored[0] < current.round:
+            tensors = decode_tensors(stored[1])
+            names = list(current.base_params)
+            state = ServerOptimizerState(
+                m={k: tensors[f"m.{k}"] for k in names},
+                v={k: tensors[f"v.{k}"] for k in names},
+                rounds=stored[0] + 1,
+            )
+        params, state = server_step(
+            kind,
+            current.base_params,
+            delta,
+            state,
+            lr=lr if lr is not None else (1.0 if kind == "sgd" else 0.1),
+        )
+        tensors = {f"m.{k}": v for k, v in state.m.items()} | {
+            f"v.{k}": v for k, v in state.v.items()
+        }
+        return params, encode_tensors(tensors, "f32")
+
     def _drop_revoked(self, current: _OpenRound, late: list[str]) -> None:
         """Rebuild the round's aggregate from the store without ``late`` devices' updates."""
         log.warning("round %d: dropping updates of revoked devices %s", current.round, late)
@@ -431,9 +462,7 @@ class Gateway:
     def _close(self, current: _OpenRound) -> None:
         started = time.perf_counter()
         delta = current.accumulator.result()
-        params = {
-            k: (current.base_params[k] + delta[k]).astype(np.float32) for k in current.base_params
-        }
+        params, state_payload = self._server_step(current, delta)
         aggregation_s = time.perf_counter() - started
         payload = model_payload(params)
         new_hash = model_hash(params)
@@ -443,7 +472,9 @@ class Gateway:
         closed_at = self._clock()
         contributors = sorted(current.contributors, key=lambda c: c["device"])
         record = self._round_record(current, contributors, new_hash, acc)
-        self.store.close_round(self.task.id, current.round, new_hash, payload, record)
+        self.store.close_round(
+            self.task.id, current.round, new_hash, payload, record, optimizer_state=state_payload
+        )
         ledgered = self._catch_up()
         self.stats.rounds_closed += 1
         self.stats.last_participants = len(contributors)
@@ -511,7 +542,7 @@ class Gateway:
                 records[i : i + _LEDGER_BATCH] for i in range(0, len(records), _LEDGER_BATCH)
             ],
             "global_model": new_hash,
-            "aggregation": self.task.aggregation,
+            "aggregation": self.task.aggregation_label(),
             "contributors": [c["device"] for c in contributors],
             "metrics": self._round_metrics(current, acc),
         }
@@ -623,7 +654,7 @@ class Gateway:
         ]
         privacy = {"dp": None, "secure_aggregation": False}
         task_args = (self.task.id, org, self.identity.subject, self.spec.spec_hash())
-        rule = self.task.aggregation
+        rule = self.task.aggregation_label()
         calls.append(("CreateTask", (*task_args, rule, privacy, initial_hash)))
         for fn, args in calls:
             try:

@@ -46,6 +46,12 @@ CREATE TABLE IF NOT EXISTS updates (
     received_at REAL NOT NULL,
     PRIMARY KEY (task, round, device)
 );
+CREATE TABLE IF NOT EXISTS optimizer_states (
+    task    TEXT NOT NULL,
+    round   INTEGER NOT NULL,
+    payload BLOB NOT NULL,
+    PRIMARY KEY (task, round)
+);
 CREATE TABLE IF NOT EXISTS counters (
     device  TEXT PRIMARY KEY,
     counter INTEGER NOT NULL
@@ -163,19 +169,41 @@ class UpdateStore:
         )
 
     def close_round(
-        self, task: str, round_: int, new_hash: str, payload: bytes, record: dict[str, Any]
+        self,
+        task: str,
+        round_: int,
+        new_hash: str,
+        payload: bytes,
+        record: dict[str, Any],
+        optimizer_state: bytes | None = None,
     ) -> None:
-        """Store the new model and close the round in one transaction."""
-        self._write(
-            [
-                ("INSERT OR IGNORE INTO models VALUES (?, ?, ?)", (new_hash, round_ + 1, payload)),
+        """Store the new model (and the server optimizer's state after this round) and close
+        the round, in one transaction."""
+        statements = [
+            ("INSERT OR IGNORE INTO models VALUES (?, ?, ?)", (new_hash, round_ + 1, payload)),
+            (
+                "UPDATE rounds SET status = 'closed', new_hash = ?, record = ?"
+                " WHERE task = ? AND round = ?",
+                (new_hash, json.dumps(record, sort_keys=True), task, round_),
+            ),
+        ]
+        if optimizer_state is not None:
+            statements.append(
                 (
-                    "UPDATE rounds SET status = 'closed', new_hash = ?, record = ?"
-                    " WHERE task = ? AND round = ?",
-                    (new_hash, json.dumps(record, sort_keys=True), task, round_),
-                ),
-            ]
-        )
+                    "INSERT OR REPLACE INTO optimizer_states VALUES (?, ?, ?)",
+                    (task, round_, optimizer_state),
+                )
+            )
+        self._write(statements)
+
+    def optimizer_state(self, task: str) -> tuple[int, bytes] | None:
+        """The newest stored server optimizer state: ``(round, payload)``."""
+        row = self._db.execute(
+            "SELECT round, payload FROM optimizer_states WHERE task = ? ORDER BY round DESC"
+            " LIMIT 1",
+            (task,),
+        ).fetchone()
+        return None if row is None else (int(row[0]), bytes(row[1]))
 
     def mark_ledgered(self, task: str, round_: int) -> None:
         self._write(

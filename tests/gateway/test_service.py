@@ -237,3 +237,33 @@ def test_a_device_revoked_on_the_ledger_is_refused(world, task):
         assert "dev-3" not in record["contributors"]
         assert record["rejected_by_reason"] == {"revoked": 1}
     assert gateway.ledger.verify(replay=True, store=gateway.store).ok
+
+
+def test_adaptive_server_optimizer_keeps_its_state_across_a_restart(
+    tmp_path, task, registry, gateway_key, dataset, device_keys
+):
+    adam = task.model_copy(update={"server_optimizer": "fedadam", "server_lr": 0.05, "rounds": 3})
+    broker = InMemoryBroker()
+    first = make_gateway(tmp_path, adam, registry, gateway_key, dataset, broker, Clock())
+    agents = make_agents(adam, device_keys, gateway_key, dataset, broker)
+    first.connect()
+    first.start()
+    pump(first, agents)
+    assert [r.round for r in first.results] == [0]
+    stored = first.store.optimizer_state(adam.id)
+    assert stored is not None and stored[0] == 0
+    first.transport.stop()
+    first.store.close()
+    first.ledger.close()
+
+    second = make_gateway(tmp_path, adam, registry, gateway_key, dataset, broker, Clock())
+    second.connect()
+    second.start()
+    for _ in range(6):
+        pump(second, agents)
+    assert second.finished and second.store.optimizer_state(adam.id)[0] == 2
+    assert second.results[-1].accuracy > 0.85
+    admin = Identity(msp_id="org1", subject="admin", role="admin")
+    record = second.ledger.evaluate("GetRound", adam.id, 2, identity=admin)
+    assert record["aggregation"] == "fedavg_fedadam"
+    assert second.ledger.verify(replay=True, store=second.store).ok
