@@ -2,30 +2,19 @@
 
 import urllib.request
 
-import numpy as np
 import pytest
 from prometheus_client import CollectorRegistry
 
-from edge_agent import EdgeAgent
 from fedcore import (
     InMemoryBroker,
     presence_topic,
-    public_key_b64,
-    signer_from_key,
     update_topic,
 )
-from gateway import REJECT_REASONS, Gateway, GatewayError, GatewayMetrics, UpdateStore
-from ledger import EmbeddedLedger, Identity
+from gateway import REJECT_REASONS, GatewayError, GatewayMetrics
+
+from .fleet import Clock, make_agents, make_gateway
 
 G = "fedledger_gateway_"
-
-
-class Clock:
-    def __init__(self):
-        self.now = 1_000.0
-
-    def __call__(self):
-        return self.now
 
 
 class FlakyLedger:
@@ -44,55 +33,16 @@ class FlakyLedger:
         return getattr(self.inner, name)
 
 
-ADMIN = Identity(msp_id="org1", subject="admin", role="admin")
-
-
-def make_gateway(tmp_path, task, registry, gateway_key, dataset, broker, clock, metrics):
-    return Gateway(
-        task=task,
-        transport=broker.transport(),
-        store=UpdateStore(tmp_path / "store.sqlite"),
-        ledger=FlakyLedger(
-            EmbeddedLedger(
-                tmp_path / "ledger.sqlite",
-                signer=signer_from_key(gateway_key),
-                public_key=public_key_b64(gateway_key),
-            )
-        ),
-        registry=registry,
-        signer=signer_from_key(gateway_key),
-        evaluation=(dataset.x_test, dataset.y_test),
-        max_message_bytes=1 << 20,
-        clock=clock,
-        metrics=metrics,
-        admin=ADMIN,
-    )
-
-
-def make_agents(task, device_keys, gateway_key, dataset, broker):
-    agents = []
-    for i, (device, key) in enumerate(device_keys.items()):
-        idx = np.arange(i, len(dataset.y_train), len(device_keys))
-        agent = EdgeAgent(
-            device=device,
-            task=task,
-            transport=broker.transport(),
-            signer=signer_from_key(key),
-            gateway_key=gateway_key.public_key(),
-            data=(dataset.x_train[idx], dataset.y_train[idx]),
-        )
-        agent.start()
-        agents.append(agent)
-    return agents
-
-
 @pytest.fixture
 def world(tmp_path, task, registry, gateway_key, dataset, device_keys):
     broker = InMemoryBroker()
     clock = Clock()
     prom = CollectorRegistry()
     metrics = GatewayMetrics(registry=prom, version="9.9.9")
-    gateway = make_gateway(tmp_path, task, registry, gateway_key, dataset, broker, clock, metrics)
+    gateway = make_gateway(
+        tmp_path, task, registry, gateway_key, dataset, broker, clock,
+        wrap_ledger=FlakyLedger, metrics=metrics,
+    )  # fmt: skip
     agents = make_agents(task, device_keys, gateway_key, dataset, broker)
     gateway.connect()
     yield broker, clock, gateway, agents, prom

@@ -17,7 +17,7 @@ from prometheus_client import CollectorRegistry
 from edge_agent import AgentMetrics
 from fedcore import InMemoryBroker, presence_topic, update_topic
 from gateway import GatewayMetrics
-from tests.gateway.test_metrics import Clock, make_agents, make_gateway
+from tests.gateway.fleet import Clock, make_agents, make_gateway
 from tests.integration.test_prometheus import Prometheus, values
 
 # grafana-foundation-sdk needs Python 3.11+ (the dev extra installs it there only).
@@ -211,7 +211,7 @@ def live(tmp_path, task, registry, gateway_key, dataset, device_keys):
     clock = Clock()
     gateway_metrics = GatewayMetrics(registry=CollectorRegistry(), version="9.9.9")
     gateway = make_gateway(
-        tmp_path, task, registry, gateway_key, dataset, broker, clock, gateway_metrics
+        tmp_path, task, registry, gateway_key, dataset, broker, clock, metrics=gateway_metrics
     )
     agents = make_agents(task, device_keys, gateway_key, dataset, broker)
     agent_metrics = AgentMetrics(registry=CollectorRegistry(), version="9.9.9")

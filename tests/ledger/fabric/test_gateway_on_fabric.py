@@ -3,7 +3,7 @@
 from fedcore import InMemoryBroker, init_params, model_hash, signer_from_key
 from gateway import Gateway, UpdateStore
 from ledger.fabric import FabricLedger
-from tests.gateway.test_service import make_agents, pump
+from tests.gateway.fleet import make_agents, pump
 
 
 def test_rounds_are_anchored_through_the_fabric_gateway(
