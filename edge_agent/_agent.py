@@ -3,6 +3,7 @@ int8 update. It imports only ``fedcore``: what a device installs stays small."""
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import logging
@@ -16,9 +17,12 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PublicKey
 from threadpoolctl import threadpool_limits
 
 from fedcore import (
+    ALG_ECDSA_P256,
+    ALG_ED25519,
     DEFAULT_K_FRACTION,
     TYPE_MODEL,
     DeviceClass,
@@ -96,8 +100,14 @@ class EdgeAgent:
         seed: int = 0,
         metrics: AgentMetrics | None = None,
         device_class: DeviceClass | None = None,
+        certificate: bytes | None = None,
+        seal_to: X25519PublicKey | None = None,
     ):
-        """``device_class`` (from ``firmware_configs/``) sets the update codec, local epochs
+        """``certificate`` (DER) means ``signer`` signs with that certificate's key (ECDSA
+        P-256) and every update carries it; ``seal_to`` encrypts update payloads to the
+        gateway's X25519 key.
+
+        ``device_class`` (from ``firmware_configs/``) sets the update codec, local epochs
         and batch size for this board and is checked against the task: a task whose model
         does not fit the board is refused here, before anything is downloaded or trained."""
         if device_class is not None:
@@ -114,6 +124,8 @@ class EdgeAgent:
                 f"{self.spec.n_features}"
             )
         self._signer = signer
+        self._certificate = certificate
+        self._seal_to = seal_to
         self._gateway_key = gateway_key
         self._state_path = state_path
         self._seed = seed
@@ -145,15 +157,37 @@ class EdgeAgent:
             self.step(0.2)
 
     def step(self, timeout: float) -> None:
+        """Handle what is queued, training once, on the newest model among it.
+
+        With asynchronous rounds the gateway publishes new versions while the device trains;
+        working through each in turn would only send updates staler than they need be.
+        """
         try:
             message = self.transport.messages.get(timeout=timeout)
         except queue.Empty:
             return
-        self.handle(message)
+        newest = None
+        while True:
+            opened = self._open_model(message)
+            if opened is not None and (newest is None or opened[0].round > newest[0].round):
+                newest = opened
+            try:
+                message = self.transport.messages.get_nowait()
+            except queue.Empty:
+                break
+        if newest is not None and self.final_model is None:
+            self._train_and_send(newest[0], decode_tensors(newest[1]))
 
     def handle(self, message: Message) -> None:
+        opened = self._open_model(message)
+        if opened is not None:
+            self._train_and_send(opened[0], decode_tensors(opened[1]))
+
+    def _open_model(self, message: Message) -> tuple[ModelHeader, bytes] | None:
+        """A verified global model to train on (header and payload), or ``None``: not a model,
+        not ours, already trained on, or the final model (recorded)."""
         if message.topic != model_topic(self.task.id):
-            return
+            return None
         try:
             envelope = decode_envelope(message.payload, max_bytes=64 << 20)
             if envelope.type != TYPE_MODEL:
@@ -161,18 +195,18 @@ class EdgeAgent:
             verify_signature(self._gateway_key, envelope.signature, envelope.signed)
         except (WireError, SignatureError) as exc:
             log.warning("ignored a global model message: %s", exc)
-            return
+            return None
         header = envelope.header
         assert isinstance(header, ModelHeader)
         if header.task != self.task.id:
-            return
+            return None
         if header.status == "final":
             self.final_model = header.model_hash
             log.info("task %s finished; final model %s", self.task.id, header.model_hash[:12])
-            return
+            return None
         if header.round <= self.state.last_round:
-            return  # already trained on this round (a retained or re-published model)
-        self._train_and_send(header, decode_tensors(envelope.payload))
+            return None  # already trained on this round (a retained or re-published model)
+        return header, envelope.payload
 
     def _train_and_send(self, header: ModelHeader, global_params) -> None:
         seed = int.from_bytes(
@@ -186,7 +220,7 @@ class EdgeAgent:
             local = train(
                 self.spec, global_params, self.x, self.y,
                 epochs=self.epochs, batch_size=self.batch_size, lr=self.task.training.lr,
-                seed=seed, prox_mu=self.task.training.prox_mu,
+                seed=seed, prox_mu=self.task.training.prox_mu, qat=self.task.training.qat,
             )  # fmt: skip
         if self.metrics is not None:
             self.metrics.training.observe(time.perf_counter() - started)
@@ -209,9 +243,12 @@ class EdgeAgent:
                 samples=len(self.y),
                 codec=self.codec,
                 counter=self.state.counter,
+                alg=ALG_ED25519 if self._certificate is None else ALG_ECDSA_P256,
+                cert=base64.b64encode(self._certificate or b"").decode("ascii"),
             ),
             payload,
             self._signer,
+            seal_to=self._seal_to,
         )
         self.transport.publish(update_topic(self.task.id, self.device), frame, qos=1)
         self.rounds_trained += 1

@@ -2,25 +2,34 @@
 
 from __future__ import annotations
 
+import numpy as np
 from prometheus_client import CollectorRegistry
 
 from fedcore import (
     ConfigError,
     Message,
+    ModelSpec,
     MqttTransport,
     Transport,
     Will,
+    certificate_der,
+    certificate_signer,
+    check_key_matches,
+    load_certificate,
     load_device_class,
+    load_ec_private_key,
     load_local_data,
     load_private_key,
     load_public_key,
+    load_signal_windows,
     load_task,
+    load_x25519_public_key,
     presence_topic,
     signer_from_key,
 )
 
 from ._agent import EdgeAgent
-from ._config import AgentConfig
+from ._config import AgentConfig, AgentSection
 from ._metrics import AgentMetrics
 
 
@@ -34,7 +43,26 @@ def open_agent(
         gateway_key = load_public_key(a.gateway_public_key)
     except ValueError as exc:
         raise ConfigError(str(exc), file=source, key="agent.gateway_public_key") from None
-    key = load_private_key(a.key)
+    seal_to = None
+    if a.gateway_encryption_key is not None:
+        try:
+            seal_to = load_x25519_public_key(a.gateway_encryption_key)
+        except ValueError as exc:
+            raise ConfigError(str(exc), file=source, key="agent.gateway_encryption_key") from None
+    certificate = None
+    if a.certificate is not None:
+        cert = load_certificate(a.certificate)
+        ec_key = load_ec_private_key(a.key)
+        if not check_key_matches(ec_key, cert):
+            raise ConfigError(
+                f"the key is not the key of the certificate {a.certificate}",
+                file=source,
+                key="agent.key",
+            )
+        signer = certificate_signer(ec_key)
+        certificate = certificate_der(cert)
+    else:
+        signer = signer_from_key(load_private_key(a.key))
     if transport is None:
         presence = presence_topic(task.id, a.device)
         transport = MqttTransport(
@@ -50,9 +78,11 @@ def open_agent(
         device=a.device,
         task=task,
         transport=transport,
-        signer=signer_from_key(key),
+        signer=signer,
         gateway_key=gateway_key,
-        data=load_local_data(a.data),
+        certificate=certificate,
+        seal_to=seal_to,
+        data=local_data(a, task.model_spec(), source=source),
         state_path=a.state,
         metrics=metrics,
         device_class=device_class,
@@ -61,3 +91,33 @@ def open_agent(
         # Served for the life of the process (a daemon thread); AgentMetrics.close() stops it.
         metrics.serve(a.metrics_port, host=a.metrics_host)
     return agent
+
+
+def local_data(
+    section: AgentSection, spec: ModelSpec, *, source: str
+) -> tuple[np.ndarray, np.ndarray]:
+    """The agent's training set: a table, or the windows of a signal (``[agent.signal]``)
+    shaped for the task's model: its cnn1d window and channels, or for a dense model
+    ``n_features / window`` channels."""
+    signal = section.signal
+    if signal is None:
+        return load_local_data(section.data)
+    key = "agent.signal.window"
+    window = signal.window or spec.window
+    if spec.kind == "cnn1d" and window != spec.window:
+        message = f"{window} differs from the task's cnn1d window {spec.window}"
+        raise ConfigError(message, file=source, key=key)
+    if not window:
+        raise ConfigError(f"required for a {spec.kind} task", file=source, key=key)
+    if spec.n_features % window:
+        message = f"does not divide the task's {spec.n_features} features"
+        raise ConfigError(message, file=source, key=key)
+    return load_signal_windows(
+        section.data,
+        window=window,
+        stride=signal.stride or max(window // 2, 1),
+        channels=spec.n_features // window,
+        labels=signal.labels,
+        label=signal.label,
+        max_windows=signal.max_windows,
+    )

@@ -4,6 +4,19 @@ Both sides import this package; it imports neither of them.
 """
 
 from ._canonical import canonical_json, sha256_hex
+from ._certs import (
+    ALG_ECDSA_P256,
+    ALG_ED25519,
+    SIGNING_ALGS,
+    CertificateTrust,
+    certificate_der,
+    certificate_fingerprint,
+    certificate_signer,
+    check_key_matches,
+    load_certificate,
+    load_ec_private_key,
+    verify_ecdsa,
+)
 from ._codec import (
     CODECS,
     DEFAULT_K_FRACTION,
@@ -17,9 +30,25 @@ from ._codec import (
     topk_with_feedback,
 )
 from ._config import BrokerSection, StrictModel, load_config, resolve_path, validate_config
-from ._data import load_local_data
+from ._data import (
+    LABEL_RULES,
+    SignalWindower,
+    collect_windows,
+    load_local_data,
+    load_signal_windows,
+    read_signal_chunks,
+    window_signal,
+)
 from ._device_class import DeviceBudgetError, DeviceClass, check_task_fits, load_device_class
-from ._errors import CodecError, ConfigError, FedledgerError, SignatureError, WireError
+from ._errors import (
+    CertificateError,
+    CodecError,
+    ConfigError,
+    DecryptError,
+    FedledgerError,
+    SignatureError,
+    WireError,
+)
 from ._export import EXPORT_FORMATS, dequantized_params, export_model, export_onnx, export_tflite
 from ._metrics_http import MetricsEndpoint
 from ._model import (
@@ -27,11 +56,20 @@ from ._model import (
     ModelSpec,
     Params,
     accuracy,
+    fake_quantize,
     init_params,
     model_hash,
     model_payload,
     predict_logits,
     train,
+)
+from ._seal import (
+    ENC_X25519_AES256GCM,
+    SEAL_OVERHEAD,
+    generate_x25519_key,
+    load_x25519_private_key,
+    load_x25519_public_key,
+    x25519_public_b64,
 )
 from ._signing import (
     Signer,
@@ -73,21 +111,31 @@ from ._wire import (
     decode_envelope,
     encode_model,
     encode_update,
+    open_update_payload,
 )
 
 __all__ = [
+    "ALG_ECDSA_P256",
+    "ALG_ED25519",
     "CODECS",
     "DEFAULT_K_FRACTION",
     "DEFAULT_MAX_MESSAGE_BYTES",
+    "ENC_X25519_AES256GCM",
     "EXPORT_FORMATS",
     "IDENTIFIER",
+    "LABEL_RULES",
     "MODEL_KINDS",
+    "SEAL_OVERHEAD",
+    "SIGNING_ALGS",
     "TYPE_MODEL",
     "TYPE_UPDATE",
     "WIRE_VERSION",
     "BrokerSection",
+    "CertificateError",
+    "CertificateTrust",
     "CodecError",
     "ConfigError",
+    "DecryptError",
     "DeviceBudgetError",
     "DeviceClass",
     "Envelope",
@@ -101,6 +149,7 @@ __all__ = [
     "MqttSettings",
     "MqttTransport",
     "Params",
+    "SignalWindower",
     "SignatureError",
     "Signer",
     "StrictModel",
@@ -112,7 +161,12 @@ __all__ = [
     "WireError",
     "accuracy",
     "canonical_json",
+    "certificate_der",
+    "certificate_fingerprint",
+    "certificate_signer",
+    "check_key_matches",
     "check_task_fits",
+    "collect_windows",
     "decode_envelope",
     "decode_tensors",
     "dequantized_params",
@@ -123,18 +177,26 @@ __all__ = [
     "export_model",
     "export_onnx",
     "export_tflite",
+    "fake_quantize",
     "generate_key",
+    "generate_x25519_key",
     "init_params",
     "iter_tensors",
+    "load_certificate",
     "load_config",
     "load_device_class",
+    "load_ec_private_key",
     "load_local_data",
     "load_private_key",
     "load_public_key",
+    "load_signal_windows",
     "load_task",
+    "load_x25519_private_key",
+    "load_x25519_public_key",
     "model_hash",
     "model_payload",
     "model_topic",
+    "open_update_payload",
     "predict_logits",
     "presence_subscription",
     "presence_topic",
@@ -142,6 +204,7 @@ __all__ = [
     "quantize_int4",
     "quantize_int8",
     "quantize_int8_channels",
+    "read_signal_chunks",
     "resolve_path",
     "save_private_key",
     "sha256_hex",
@@ -151,5 +214,8 @@ __all__ = [
     "update_subscription",
     "update_topic",
     "validate_config",
+    "verify_ecdsa",
     "verify_signature",
+    "window_signal",
+    "x25519_public_b64",
 ]

@@ -6,7 +6,9 @@ The tree::
     ├── ConfigError                a config file is missing, unreadable or invalid (file, key)
     ├── WireError                  a message cannot be decoded (reason code)
     │   └── CodecError             a tensor payload is malformed (reason code)
-    └── SignatureError             a signature does not verify
+    ├── SignatureError             a signature does not verify
+    │   └── CertificateError       a signer's certificate is not vouched for (reason code)
+    └── DecryptError               a sealed payload does not open with the gateway's key
 
 Components add their own subtrees under ``FedledgerError`` (``gateway.GatewayError``,
 ``ledger.LedgerError``), so a command line can catch one type and print one line.
@@ -51,3 +53,16 @@ class CodecError(WireError):
 
 class SignatureError(FedledgerError):
     """A signature does not verify against the expected key."""
+
+
+class CertificateError(SignatureError):
+    """The certificate a frame carries is not acceptable; ``reason`` is a short fixed code
+    (``bad_certificate``, ``subject_mismatch``, ``certificate_revoked``)."""
+
+    def __init__(self, reason: str, message: str):
+        self.reason = reason
+        super().__init__(f"{reason}: {message}")
+
+
+class DecryptError(FedledgerError):
+    """A sealed payload cannot be opened: another recipient key, or tampered bytes."""

@@ -12,23 +12,33 @@ Frame (big-endian lengths)::
     12      H     header: canonical JSON object, fields fixed per type
     12+H    P     payload: tensors, see ``_codec``
     12+H+P  1     signature length S (64)
-    13+H+P  S     Ed25519 signature over bytes [0, 12+H) of this frame
+    13+H+P  S     signature over bytes [0, 12+H) of this frame: Ed25519, or ECDSA P-256
+                  as r || s when an update header names ``"alg": "ecdsa-p256-sha256"``
 
 The signature covers the fixed prefix and the header; the header carries the SHA-256 of the
-payload, so the payload is bound too without signing it twice.
+payload, so the payload is bound too without signing it twice. An update's header names its
+signature algorithm (``alg``), the signer's certificate when it signs with one (``cert``),
+and, when the payload is sealed to the gateway (``enc``, ``epk``), ``payload_sha256`` is the
+digest of the ciphertext: the signature is checked before anything is decrypted.
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
 import hashlib
 import json
 import struct
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
+
 from ._canonical import canonical_json
+from ._certs import ALG_ECDSA_P256, ALG_ED25519, MAX_CERTIFICATE_BYTES, SIGNING_ALGS
 from ._codec import CODECS
-from ._errors import WireError
+from ._errors import DecryptError, WireError
+from ._seal import ENC_X25519_AES256GCM, open_sealed, seal
 from ._signing import SIGNATURE_BYTES, Signer
 from ._topics import IDENTIFIER
 
@@ -53,7 +63,15 @@ class UpdateHeader:
     samples: int
     codec: str
     counter: int  # per-device, strictly increasing across every update it sends
-    payload_sha256: str = ""
+    payload_sha256: str = ""  # of the payload as sent: the ciphertext when sealed
+    alg: str = ALG_ED25519  # the signature algorithm; absent in frames of older agents
+    cert: str = ""  # base64 DER certificate of the signer, with alg ecdsa-p256-sha256 only
+    enc: str = ""  # sealing scheme when the payload is encrypted to the gateway
+    epk: str = ""  # base64 ephemeral X25519 public key of the sealing
+
+    @property
+    def certificate(self) -> bytes | None:
+        return base64.b64decode(self.cert) if self.cert else None
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,12 +121,64 @@ def _frame(kind: int, header: dict[str, Any], payload: bytes, signer: Signer) ->
     return b"".join((signed, payload, bytes([len(signature)]), signature))
 
 
-def encode_update(header: UpdateHeader, payload: bytes, signer: Signer) -> bytes:
-    """Frame and sign an update; ``payload_sha256`` is computed here."""
+def _update_fields(header: UpdateHeader) -> dict[str, Any]:
+    """The header as it goes on the wire: optional fields only when set."""
     fields = asdict(header)
+    for key in _UPDATE_OPTIONAL_EMPTY:
+        if not fields[key]:
+            del fields[key]
+    return fields
+
+
+def _sealing_aad(fields: dict[str, Any]) -> bytes:
+    """Associated data of a sealed payload: every header field but the ciphertext's digest,
+    so a ciphertext opens only in the frame (task, round, device, counter...) it was made for."""
+    rest = {k: v for k, v in fields.items() if k != "payload_sha256"}
+    return MAGIC + bytes([WIRE_VERSION, TYPE_UPDATE]) + canonical_json(rest)
+
+
+def encode_update(
+    header: UpdateHeader,
+    payload: bytes,
+    signer: Signer,
+    *,
+    seal_to: X25519PublicKey | None = None,
+) -> bytes:
+    """Frame and sign an update; ``payload_sha256`` is computed here.
+
+    ``header.alg`` must name what ``signer`` does (and ``header.cert`` carry the certificate
+    of an ECDSA signer). With ``seal_to`` the payload is encrypted to that gateway key with a
+    fresh ephemeral key; ``enc`` and ``epk`` are filled in here.
+    """
+    if seal_to is not None:
+        ephemeral = X25519PrivateKey.generate()
+        epk = base64.b64encode(ephemeral.public_key().public_bytes_raw()).decode("ascii")
+        fields = _update_fields(header) | {"enc": ENC_X25519_AES256GCM, "epk": epk}
+        fields["payload_sha256"] = "0" * 64
+        _check_update(fields)
+        payload = seal(payload, seal_to, _sealing_aad(fields), ephemeral=ephemeral)
+    else:
+        fields = _update_fields(header)
     fields["payload_sha256"] = hashlib.sha256(payload).hexdigest()
     _check_update(fields)
     return _frame(TYPE_UPDATE, fields, payload, signer)
+
+
+def open_update_payload(envelope: Envelope, private_key: X25519PrivateKey | None) -> bytes:
+    """The plaintext payload of an update: as sent, or opened with the gateway's key.
+
+    Raises :class:`~fedcore.DecryptError` when a sealed payload does not open (another
+    gateway's key, no key, or bytes changed in transit).
+    """
+    header = envelope.header
+    assert isinstance(header, UpdateHeader)
+    if not header.enc:
+        return envelope.payload
+    if private_key is None:
+        raise DecryptError("the payload is sealed and this gateway holds no decryption key")
+    epk = base64.b64decode(header.epk)
+    aad = _sealing_aad(_update_fields(header))
+    return open_sealed(envelope.payload, epk, private_key, aad)
 
 
 def encode_model(header: ModelHeader, payload: bytes, signer: Signer) -> bytes:
@@ -216,6 +286,9 @@ _UPDATE_FIELDS = {
     "counter": int,
     "payload_sha256": str,
 }
+#: Optional update fields: present only when set (an explicit empty value is malformed).
+_UPDATE_OPTIONAL = {"alg": str, "cert": str, "enc": str, "epk": str}
+_UPDATE_OPTIONAL_EMPTY = ("cert", "enc", "epk")
 _MODEL_FIELDS = {
     "task": str,
     "round": int,
@@ -227,7 +300,9 @@ _MAX_INT = 2**53
 
 
 def _check_update(fields: dict[str, Any]) -> None:
-    _require(fields, _UPDATE_FIELDS)
+    optional = {k: v for k, v in _UPDATE_OPTIONAL.items() if k in fields}
+    _require(fields, _UPDATE_FIELDS | optional)
+    _check_signing_fields(fields)
     _check_identifier(fields["task"], "task")
     _check_identifier(fields["device"], "device")
     _check_hex64(fields["base"], "base")
@@ -248,3 +323,32 @@ def _check_model(fields: dict[str, Any]) -> None:
         raise WireError("malformed", "round must be in [0, 2**53)")
     if fields["status"] not in MODEL_STATUSES:
         raise WireError("malformed", f"status must be one of {MODEL_STATUSES}")
+
+
+def _b64_length(value: str, key: str, low: int, high: int) -> int:
+    try:
+        raw = base64.b64decode(value, validate=True)
+    except (binascii.Error, ValueError):
+        raise WireError("malformed", f"header field {key} is not base64") from None
+    if not low <= len(raw) <= high or base64.b64encode(raw).decode("ascii") != value:
+        raise WireError("malformed", f"header field {key} has a bad length or form")
+    return len(raw)
+
+
+def _check_signing_fields(fields: dict[str, Any]) -> None:
+    """``alg`` decides what else must be there, so no field can be dropped or added alone."""
+    alg = fields.get("alg", ALG_ED25519)
+    if alg not in SIGNING_ALGS:
+        raise WireError("malformed", f"alg must be one of {SIGNING_ALGS}")
+    if alg == ALG_ECDSA_P256:
+        if "cert" not in fields:
+            raise WireError("malformed", f"alg {ALG_ECDSA_P256} needs the signer's cert")
+        _b64_length(fields["cert"], "cert", 1, MAX_CERTIFICATE_BYTES)
+    elif "cert" in fields:
+        raise WireError("malformed", "cert is only carried with a certificate signature")
+    if ("enc" in fields) != ("epk" in fields):
+        raise WireError("malformed", "enc and epk come together")
+    if "enc" in fields:
+        if fields["enc"] != ENC_X25519_AES256GCM:
+            raise WireError("malformed", f"enc must be {ENC_X25519_AES256GCM}")
+        _b64_length(fields["epk"], "epk", 32, 32)

@@ -9,6 +9,8 @@ playbook can run it again and again and only a real change writes anything. The 
     <dir>/index.json             every certificate ever issued: serial, name, kind, revocation
     <dir>/<kind>s/<name>.pem     the current certificate of a device, gateway or broker
     <dir>/<kind>s/<name>.key     its private key (0600)
+    <dir>/x25519/<name>.key      a gateway's X25519 key (0600): devices seal payloads to it
+    <dir>/x25519/<name>.pub      its public half, base64 raw: the agents' gateway_encryption_key
 
 A certificate's subject is ``CN=<name>, OU=<kind>, O=<org>``. The broker takes the CN as the
 MQTT user name (``use_identity_as_username``), so a name belongs to one kind only: a device and
@@ -20,6 +22,7 @@ what the functions return names their files.
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import datetime as dt
 import fcntl
@@ -35,6 +38,7 @@ from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from fedcore import IDENTIFIER, FedledgerError
@@ -706,6 +710,73 @@ def _issued(
         dns=dns,
         ips=ips,
     )
+
+
+# ---------------------------------------------------------------- payload encryption keys
+
+
+@dataclass(frozen=True)
+class SealingKey:
+    """A gateway's X25519 key pair for end-to-end payload encryption (``x25519_key``)."""
+
+    name: str
+    key: Path
+    public: Path
+    public_key: str  # base64 raw 32 bytes
+    created: bool
+
+    @property
+    def changed(self) -> bool:
+        return self.created
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "key": str(self.key),
+            "public": str(self.public),
+            "public_key": self.public_key,
+            "created": self.created,
+            "changed": self.changed,
+        }
+
+
+def x25519_key(directory: str | os.PathLike[str], name: str) -> SealingKey:
+    """Create ``name``'s X25519 key pair, or report the one already there.
+
+    Not a certificate: devices learn the public key from their config, which the operator
+    distributes like the CA certificate. An existing key is never replaced (payloads in
+    flight would no longer open); delete the files to replace it on purpose.
+    """
+    _check_name(name)
+    directory = Path(directory)
+    key_path = directory / "x25519" / f"{name}.key"
+    pub_path = directory / "x25519" / f"{name}.pub"
+    with _locked(directory):
+        created = not key_path.exists()
+        if created:
+            key = X25519PrivateKey.generate()
+            pem = key.private_bytes(
+                serialization.Encoding.PEM,
+                serialization.PrivateFormat.PKCS8,
+                serialization.NoEncryption(),
+            )
+            _write_atomic(key_path, pem, mode=0o600)
+        else:
+            try:
+                loaded = serialization.load_pem_private_key(
+                    _read(key_path, "X25519 key"), password=None
+                )
+            except (ValueError, TypeError):
+                loaded = None
+            if not isinstance(loaded, X25519PrivateKey):
+                raise PkiError(
+                    "not an unencrypted PEM X25519 key", reason="unreadable", file=str(key_path)
+                )
+            key = loaded
+        public = base64.b64encode(key.public_key().public_bytes_raw()).decode("ascii")
+        if not pub_path.exists() or pub_path.read_text(encoding="ascii").strip() != public:
+            _write_atomic(pub_path, (public + "\n").encode("ascii"), mode=0o644)
+        return SealingKey(name, key_path, pub_path, public, created)
 
 
 # ---------------------------------------------------------------- revoke and CRL

@@ -14,7 +14,7 @@ from fedcore import generate_key, public_key_b64, save_private_key
 from gateway import DeviceRegistry
 
 from ._datasets import Dataset, dirichlet_partition
-from ._pki import ca_cert_path, init_ca, issue
+from ._pki import ca_cert_path, certificate_paths, crl_path, init_ca, issue, x25519_key
 
 
 @dataclass(frozen=True)
@@ -63,7 +63,10 @@ def provision(
     secure: bool = False,
 ) -> Layout:
     """Write the site. ``secure`` adds an organisation CA under ``pki/`` with a certificate
-    for the broker, the gateway and each device, and mutual TLS in every broker section."""
+    for the broker, the gateway and each device, and mutual TLS in every broker section;
+    devices then sign updates with their certificate keys (the registry lists certificate
+    fingerprints, no Ed25519 keys) and seal payloads to the gateway's X25519 key, and the
+    gateway checks each certificate against the CA and its CRL."""
     if root.exists():
         shutil.rmtree(root)
     for sub in ("keys", "devices"):
@@ -102,6 +105,9 @@ def provision(
     save_private_key(gateway_key, root / "keys" / "gateway.pem")
     gateway_pub = public_key_b64(gateway_key)
 
+    sealing = x25519_key(pki, "gateway") if secure else None
+    certificates: dict[str, str] = {}
+
     def broker(kind: str, name: str) -> dict[str, object]:
         section: dict[str, object] = {"host": broker_host, "port": broker_port}
         if secure:
@@ -109,6 +115,8 @@ def provision(
             section.update(
                 tls_ca=str(ca_cert_path(pki)), tls_cert=str(done.cert), tls_key=str(done.key)
             )
+            if kind == "device":
+                certificates[name] = done.fingerprint
         return section
 
     np.savez(root / "holdout.npz", x=dataset.x_test, y=dataset.y_test)
@@ -120,9 +128,10 @@ def provision(
     for device, idx in zip(device_ids(devices), parts, strict=True):
         home = root / "devices" / device
         home.mkdir()
-        key = generate_key()
-        save_private_key(key, home / "device.pem")
-        registry[device] = public_key_b64(key)
+        if not secure:
+            key = generate_key()
+            save_private_key(key, home / "device.pem")
+            registry[device] = public_key_b64(key)
         y = dataset.y_train[idx]
         np.savez(home / "data.npz", x=dataset.x_train[idx], y=y)
         samples[device] = len(idx)
@@ -139,9 +148,26 @@ def provision(
             },
             "broker": broker("device", device),
         }
+        if secure:
+            assert sealing is not None
+            cert, cert_key = certificate_paths(pki, "device", device)
+            config["agent"].update(
+                key=str(cert_key),
+                certificate=str(cert),
+                gateway_encryption_key=sealing.public_key,
+            )
         agent_configs[device] = home / "agent.toml"
         agent_configs[device].write_text(tomli_w.dumps(config))
-    DeviceRegistry(registry).save(root / "registry.json")
+    DeviceRegistry(registry, certificates=certificates).save(root / "registry.json")
+    gateway_trust: dict[str, object] = {}
+    if secure:
+        assert sealing is not None
+        gateway_trust = {
+            "ca": str(ca_cert_path(pki)),
+            "crl": str(crl_path(pki)),
+            "encryption_key": str(sealing.key),
+            "require_encryption": True,
+        }
 
     gateway_config = root / "gateway.toml"
     gateway_config.write_text(
@@ -155,6 +181,7 @@ def provision(
                     "store": "gateway.sqlite",
                     "ledger": "ledger.sqlite",
                     "evaluation": "holdout.npz",
+                    **gateway_trust,
                 },
                 "broker": broker("gateway", "gateway"),
             }

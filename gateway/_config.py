@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 from typing import Annotated
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from fedcore import (
     DEFAULT_MAX_MESSAGE_BYTES,
@@ -35,6 +35,16 @@ class GatewaySection(StrictModel):
     #: A Fabric connection profile (TOML): anchor rounds on a Fabric network instead of the
     #: embedded ledger. Devices and the task are then registered by an operator.
     fabric_profile: Path | None = None
+    #: The organisation CA certificate (PEM): devices may sign with the key of a certificate
+    #: it issued (CN = device id); without it only Ed25519 keys from the registry count.
+    ca: Path | None = None
+    #: The CA's revocation list (PEM), re-read when the file changes; needs ``ca``.
+    crl: Path | None = None
+    #: X25519 private key (PEM, ``fedledger pki x25519``) that opens payloads devices seal to
+    #: this gateway.
+    encryption_key: Path | None = None
+    #: Refuse updates whose payload is not sealed (``not_encrypted``); needs ``encryption_key``.
+    require_encryption: bool = False
     #: Held-out data (``.npz`` with ``x`` and ``y``) to evaluate each new global model.
     evaluation: Path | None = None
     max_message_bytes: Annotated[int, Field(ge=1024, le=256 << 20)] = DEFAULT_MAX_MESSAGE_BYTES
@@ -47,11 +57,29 @@ class GatewaySection(StrictModel):
     metrics_host: str = "127.0.0.1"
 
     @field_validator(
-        "key", "task", "registry", "store", "ledger", "evaluation", "fabric_profile", mode="before"
+        "key",
+        "task",
+        "registry",
+        "store",
+        "ledger",
+        "evaluation",
+        "fabric_profile",
+        "ca",
+        "crl",
+        "encryption_key",
+        mode="before",
     )
     @classmethod
     def _relative_to_file(cls, value, info):
         return None if value is None else resolve_path(value, info)
+
+    @model_validator(mode="after")
+    def _needs(self):
+        if self.crl is not None and self.ca is None:
+            raise ValueError("crl needs ca (the CA that signed it)")
+        if self.require_encryption and self.encryption_key is None:
+            raise ValueError("require_encryption needs encryption_key")
+        return self
 
 
 class GatewayConfig(StrictModel):

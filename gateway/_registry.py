@@ -1,4 +1,10 @@
-"""The devices a gateway accepts updates from, and the keys they sign with."""
+"""The devices a gateway accepts updates from, and the keys they sign with.
+
+A device signs either with an Ed25519 key listed here, or with the key of a certificate
+from the organisation CA (``{"certificate_sha256": hex}``: the fingerprint of the certificate
+it was admitted with). Certificate devices are vouched for by the CA, so their entry only
+says they belong to the fleet; a device with no ``public_key`` may not sign with Ed25519.
+"""
 
 from __future__ import annotations
 
@@ -15,11 +21,33 @@ from fedcore import IDENTIFIER, ConfigError, canonical_json, load_public_key
 
 
 class DeviceRegistry:
-    """Device id -> Ed25519 public key; a JSON file ``{"devices": {id: {"public_key": b64}}}``."""
+    """Device id -> Ed25519 public key; a JSON file ``{"devices": {id: {"public_key": b64}}}``.
 
-    def __init__(self, keys: Mapping[str, str], *, source: str = "<memory>"):
+    ``certificates`` (device id -> SHA-256 hex of its DER certificate) admits devices that
+    sign with their certificate key.
+    """
+
+    def __init__(
+        self,
+        keys: Mapping[str, str],
+        *,
+        certificates: Mapping[str, str] | None = None,
+        source: str = "<memory>",
+    ):
         self._keys: dict[str, Ed25519PublicKey] = {}
         self._b64: dict[str, str] = {}
+        self._certificates: dict[str, str] = {}
+        for device, fingerprint in (certificates or {}).items():
+            key = f"devices.{device}.certificate_sha256"
+            if not isinstance(device, str) or not IDENTIFIER.fullmatch(device):
+                raise ConfigError("device id is not a valid identifier", file=source, key=key)
+            if (
+                not isinstance(fingerprint, str)
+                or len(fingerprint) != 64
+                or not set(fingerprint) <= set("0123456789abcdef")
+            ):
+                raise ConfigError("expected a SHA-256 hex digest", file=source, key=key)
+            self._certificates[device] = fingerprint
         for device, b64 in keys.items():
             key = f"devices.{device}.public_key"
             if not isinstance(device, str) or not IDENTIFIER.fullmatch(device):
@@ -42,31 +70,48 @@ class DeviceRegistry:
         devices = data.get("devices") if isinstance(data, dict) else None
         if not isinstance(devices, dict):
             raise ConfigError("expected an object of devices", file=str(path), key="devices")
-        keys = {}
+        keys, certificates = {}, {}
         for device, entry in devices.items():
-            if not isinstance(entry, dict) or not isinstance(entry.get("public_key"), str):
+            if (
+                not isinstance(entry, dict)
+                or not entry
+                or set(entry) - {"public_key", "certificate_sha256"}
+                or not all(isinstance(v, str) for v in entry.values())
+            ):
                 raise ConfigError(
-                    'expected {"public_key": base64}', file=str(path), key=f"devices.{device}"
+                    'expected {"public_key": base64} and/or {"certificate_sha256": hex}',
+                    file=str(path),
+                    key=f"devices.{device}",
                 )
-            keys[device] = entry["public_key"]
-        return cls(keys, source=str(path))
+            if "public_key" in entry:
+                keys[device] = entry["public_key"]
+            if "certificate_sha256" in entry:
+                certificates[device] = entry["certificate_sha256"]
+        return cls(keys, certificates=certificates, source=str(path))
 
     def save(self, path: str | os.PathLike[str]) -> None:
-        body = {"devices": {d: {"public_key": k} for d, k in sorted(self._b64.items())}}
-        Path(path).write_bytes(canonical_json(body) + b"\n")
+        body: dict[str, dict[str, str]] = {}
+        for device, b64 in self._b64.items():
+            body.setdefault(device, {})["public_key"] = b64
+        for device, fingerprint in self._certificates.items():
+            body.setdefault(device, {})["certificate_sha256"] = fingerprint
+        Path(path).write_bytes(canonical_json({"devices": body}) + b"\n")
 
     def fingerprint(self, device: str) -> str:
-        """SHA-256 of the device's raw public key: what the ledger's registry records."""
+        """What the ledger's registry records: SHA-256 of the device's raw public key, or of
+        the certificate it was admitted with when it has no Ed25519 key."""
+        if device not in self._b64:
+            return self._certificates[device]
         return hashlib.sha256(base64.b64decode(self._b64[device])).hexdigest()
 
     def public_key(self, device: str) -> Ed25519PublicKey | None:
         return self._keys.get(device)
 
     def __contains__(self, device: object) -> bool:
-        return device in self._keys
+        return device in self._keys or device in self._certificates
 
     def __iter__(self) -> Iterator[str]:
-        return iter(sorted(self._keys))
+        return iter(sorted(self._keys.keys() | self._certificates.keys()))
 
     def __len__(self) -> int:
-        return len(self._keys)
+        return len(self._keys.keys() | self._certificates.keys())

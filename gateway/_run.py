@@ -8,12 +8,14 @@ from pathlib import Path
 from prometheus_client import CollectorRegistry
 
 from fedcore import (
+    CertificateTrust,
     ConfigError,
     MqttTransport,
     Transport,
     load_local_data,
     load_private_key,
     load_task,
+    load_x25519_private_key,
     public_key_b64,
     signer_from_key,
 )
@@ -44,6 +46,8 @@ def open_gateway(
     key = load_private_key(g.key)
     signer = signer_from_key(key)
     evaluation = load_local_data(g.evaluation) if g.evaluation is not None else None
+    trust = None if g.ca is None else CertificateTrust.load(g.ca, g.crl)
+    sealing = None if g.encryption_key is None else load_x25519_private_key(g.encryption_key)
     if transport is None:
         transport = MqttTransport(
             config.broker.mqtt_settings(client_id=f"gateway-{g.id}"),
@@ -70,6 +74,9 @@ def open_gateway(
         metrics=metrics,
         identity=Identity(msp_id=g.org, subject=g.id, role="gateway"),
         admin=admin,
+        trust=trust,
+        decryption_key=sealing,
+        require_encryption=g.require_encryption,
     )
     if metrics is not None and g.metrics_port is not None:
         try:

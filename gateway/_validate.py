@@ -3,13 +3,20 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
 from fedcore import (
+    ALG_ECDSA_P256,
     TYPE_UPDATE,
+    CertificateError,
+    CertificateTrust,
     CodecError,
+    DecryptError,
+    Envelope,
     SignatureError,
     TensorView,
     UpdateHeader,
@@ -17,6 +24,8 @@ from fedcore import (
     decode_envelope,
     device_from_topic,
     iter_tensors,
+    open_update_payload,
+    verify_ecdsa,
     verify_signature,
 )
 
@@ -30,6 +39,8 @@ class AcceptedUpdate:
     digest: str
     views: list[TensorView]
     frame: bytes
+    #: SHA-256 of the certificate that signed it; ``None`` for an Ed25519 signature.
+    certificate_sha256: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,6 +53,11 @@ class RoundContext:
     last_counter: Callable[[str], int]
     #: Devices revoked on the ledger: their updates are refused even when signed correctly.
     revoked: frozenset[str] = frozenset()
+    #: Asynchronous rounds: how many versions an update's base may lag behind ``round``
+    #: (``None``: synchronous, the base must be ``round`` itself) ...
+    max_staleness: int | None = None
+    #: ... and the base model of each round still accepted as a base.
+    bases: Mapping[int, str] = field(default_factory=dict)
 
 
 class UpdateValidator:
@@ -52,7 +68,16 @@ class UpdateValidator:
         registry: DeviceRegistry,
         shapes: Mapping[str, tuple[int, ...]],
         max_message_bytes: int,
+        trust: CertificateTrust | None = None,
+        decryption_key: X25519PrivateKey | None = None,
+        require_encryption: bool = False,
     ):
+        """``trust`` (the organisation CA and CRL) admits certificate-signed updates;
+        ``decryption_key`` opens payloads sealed to this gateway, and ``require_encryption``
+        refuses the others, so a misconfigured device cannot leak updates to the broker."""
+        self.trust = trust
+        self.decryption_key = decryption_key
+        self.require_encryption = require_encryption
         self.task = task
         self.registry = registry
         self.shapes = dict(shapes)
@@ -74,28 +99,91 @@ class UpdateValidator:
             raise Rejected("topic_mismatch", f"header names {header.device!r}", device=sender)
         if header.task != self.task:
             raise Rejected("wrong_task", f"task {header.task!r}", device=sender)
-        key = self.registry.public_key(header.device)
-        if key is None:
+        if header.device not in self.registry:
             raise Rejected("unknown_device", "device is not registered", device=sender)
         if header.device in ctx.revoked:
             raise Rejected("revoked", "device is revoked on the ledger", device=sender)
-        try:
-            verify_signature(key, envelope.signature, envelope.signed)
-        except SignatureError:
-            raise Rejected("bad_signature", "signature does not verify", device=sender) from None
+        fingerprint = self._authenticate(envelope, header, sender)
         # Authenticated from here on: the checks below are about freshness.
-        if header.round < ctx.round:
-            raise Rejected("stale_round", f"round {header.round} < {ctx.round}", device=sender)
         if header.round > ctx.round:
             raise Rejected("future_round", f"round {header.round} > {ctx.round}", device=sender)
-        if header.base != ctx.base:
+        if ctx.max_staleness is None:
+            if header.round < ctx.round:
+                raise Rejected("stale_round", f"round {header.round} < {ctx.round}", device=sender)
+            base = ctx.base
+        else:
+            if ctx.round - header.round > ctx.max_staleness:
+                raise Rejected(
+                    "too_stale",
+                    f"round {header.round} is over {ctx.max_staleness} versions behind {ctx.round}",
+                    device=sender,
+                )
+            base = ctx.bases.get(header.round)
+        if header.base != base:
             raise Rejected("wrong_base", "trained from another global model", device=sender)
         if header.counter <= ctx.last_counter(header.device):
             raise Rejected("replayed", f"counter {header.counter} already seen", device=sender)
-        if ctx.has_update(header.device):
+        # Asynchronous rounds take one update per device and base; the gateway checks that
+        # where it chooses the buffer (``place_update``).
+        if ctx.max_staleness is None and ctx.has_update(header.device):
             raise Rejected("duplicate", "device already contributed this round", device=sender)
-        views = self._check_payload(envelope.payload, sender)
-        return AcceptedUpdate(header=header, digest=envelope.digest(), views=views, frame=data)
+        try:
+            plaintext = open_update_payload(envelope, self.decryption_key)
+        except DecryptError as exc:
+            raise Rejected("decrypt_failed", str(exc), device=sender) from None
+        views = self._check_payload(plaintext, sender)
+        return AcceptedUpdate(
+            header=header,
+            digest=envelope.digest(),
+            views=views,
+            frame=data,
+            certificate_sha256=fingerprint,
+        )
+
+    def _authenticate(
+        self, envelope: Envelope, header: UpdateHeader, sender: str | None
+    ) -> str | None:
+        """Check the signature with the key the gateway expects for this device, never with
+        one the header chooses: the algorithm must be the one the device is admitted for
+        (Ed25519 needs a registered key, a certificate needs a trusted CA). Returns the
+        signing certificate's fingerprint, if any."""
+        if self.require_encryption and not header.enc:
+            raise Rejected(
+                "not_encrypted", "this gateway takes sealed payloads only", device=sender
+            )
+        if header.alg != ALG_ECDSA_P256:
+            key = self.registry.public_key(header.device)
+            if key is None:
+                raise Rejected(
+                    "algorithm_mismatch", "device has no Ed25519 key registered", device=sender
+                )
+            try:
+                verify_signature(key, envelope.signature, envelope.signed)
+            except SignatureError:
+                raise Rejected(
+                    "bad_signature", "signature does not verify", device=sender
+                ) from None
+            return None
+        if self.trust is None:
+            raise Rejected(
+                "algorithm_mismatch", "this gateway trusts no CA for certificates", device=sender
+            )
+        der = header.certificate
+        assert der is not None  # decode_envelope requires cert with this alg
+        try:
+            cert = self.trust.verify(der, header.device)
+        except CertificateError as exc:
+            raise Rejected(exc.reason, str(exc), device=sender) from None
+        try:
+            verify_ecdsa(cert.public_key(), envelope.signature, envelope.signed)  # type: ignore[arg-type]
+        except SignatureError:
+            raise Rejected("bad_signature", "signature does not verify", device=sender) from None
+        return cert.fingerprint(hashes.SHA256()).hex()
+
+    def plaintext(self, frame: bytes) -> bytes:
+        """The tensor payload of a stored (already accepted) frame, opened if sealed."""
+        envelope = decode_envelope(frame, max_bytes=len(frame))
+        return open_update_payload(envelope, self.decryption_key)
 
     def _check_payload(self, payload: bytes, sender: str | None) -> list[TensorView]:
         try:

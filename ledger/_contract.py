@@ -12,6 +12,7 @@ Transactions (``submit`` writes, ``evaluate`` only reads):
 ============================  ========  ==================================================
 RegisterDevice                submit    an ``admin`` of the device's organisation
 RevokeDevice                  submit    an ``admin`` of the device's organisation
+RotateDeviceKey               submit    an ``admin`` or a ``gateway`` of the device's org
 GetDevice                     evaluate  anyone
 CreateTask                    submit    an ``admin`` of the task's organisation
 OpenRound                     submit    the task's gateway
@@ -420,6 +421,57 @@ class FedLedgerContract:
             revoked_tx=ctx.tx_id,
             revocation_reason=reason,
         )
+        _put(ctx, key, record)
+        return record
+
+    @staticmethod
+    @submit
+    def RotateDeviceKey(
+        ctx: TxContext, device_id: str, org: str, old_fingerprint: str, new_fingerprint: str
+    ) -> dict[str, Any]:
+        """Record that a device now signs with another key or certificate (a rotation).
+
+        The device keeps its id, and with it its contributions and revocation status: a
+        revoked device cannot rotate its way back in. ``old_fingerprint`` must be the current
+        one, so two gateways racing over a stale view cannot fork the history. A gateway may
+        submit it because it records what the organisation CA already vouched for (it checked
+        the new certificate's chain and CRL); ``key_history`` keeps every replaced fingerprint.
+        """
+        who = _caller(ctx)
+        _identifier(device_id, "device_id")
+        _identifier(org, "org")
+        _hex64(old_fingerprint, "old_fingerprint")
+        _hex64(new_fingerprint, "new_fingerprint")
+        now = _tx_time(ctx)
+        if who.role not in ("admin", "gateway") or who.msp_id != org:
+            raise ContractError(
+                "forbidden",
+                f"RotateDeviceKey needs an admin or gateway of {org};"
+                f" {who.subject} is {who.role} of {who.msp_id}",
+            )
+        key = device_key(device_id)
+        record = _load(ctx, key, f"device {device_id}")
+        if record["org"] != org:
+            raise ContractError("forbidden", f"device {device_id} does not belong to {org}")
+        if record["status"] == "revoked":
+            raise ContractError("revoked", f"device {device_id} is revoked")
+        if record["key_fingerprint"] != old_fingerprint:
+            raise ContractError(
+                "conflict", f"device {device_id} no longer signs with {old_fingerprint[:12]}"
+            )
+        if new_fingerprint == old_fingerprint:
+            raise ContractError("conflict", f"device {device_id} already signs with that key")
+        history = list(record.get("key_history", []))
+        history.append(
+            {
+                "old": old_fingerprint,
+                "new": new_fingerprint,
+                "at": now,
+                "by": who.subject,
+                "tx": ctx.tx_id,
+            }
+        )
+        record.update(key_fingerprint=new_fingerprint, key_history=history)
         _put(ctx, key, record)
         return record
 

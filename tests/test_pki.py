@@ -329,3 +329,26 @@ def test_nothing_shows_a_private_key(pki, capsys, caplog):
         for key in keys:
             body = b"".join(key.splitlines()[1:-1]).decode()
             assert body[:40] not in text
+
+
+def test_x25519_key_is_owner_only_idempotent_and_printed_public_only(pki, loose_umask):
+    from typer.testing import CliRunner
+
+    from fedcore import load_x25519_private_key, x25519_public_b64
+    from fedledger._pki import x25519_key
+    from fedledger.cli import app
+
+    first = x25519_key(pki, "gateway")
+    assert first.created and mode(first.key) == 0o600
+    assert first.public.read_text().strip() == first.public_key
+    assert x25519_public_b64(load_x25519_private_key(first.key)) == first.public_key
+    before = first.key.read_bytes()
+    again = x25519_key(pki, "gateway")
+    assert not again.created and not again.changed
+    assert again.public_key == first.public_key and first.key.read_bytes() == before
+    done = CliRunner().invoke(app, ["pki", "x25519", "gateway", "--dir", str(pki), "--json"])
+    assert done.exit_code == 0, done.output
+    assert '"changed": false' in done.output and first.public_key in done.output
+    assert "PRIVATE" not in done.output
+    with pytest.raises(PkiError):
+        x25519_key(pki, "not/a name")

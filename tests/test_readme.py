@@ -17,7 +17,7 @@ def test_readme_opens_with_the_two_commands():
 def test_every_fedledger_command_in_the_readme_exists():
     commands = set()
     for line in README.splitlines():
-        match = re.match(r"^\s{4}fedledger ((?:[a-z]+ ?)+)", line)
+        match = re.match(r"^\s{4}fedledger ((?:[a-z][a-z0-9]* ?)+)", line)
         if match:
             commands.add(tuple(w for w in match.group(1).split() if w))
     assert {("demo",), ("ledger", "verify"), ("gateway", "run"), ("agent", "run")} <= commands

@@ -57,7 +57,7 @@ def test_signature_covers_prefix_and_header(key, payload):
     env = decode_envelope(frame)
     assert env.signed == frame[: 12 + len(canonical_json(dict(
         task="t1", round=3, device="dev-1", base=BASE, samples=40, codec="int8", counter=7,
-        payload_sha256=hashlib.sha256(payload).hexdigest(),
+        payload_sha256=hashlib.sha256(payload).hexdigest(), alg="ed25519",
     )))]  # fmt: skip
 
 

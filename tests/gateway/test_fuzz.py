@@ -617,3 +617,73 @@ def test_declared_4gb_tensor_is_rejected_without_allocating():
     assert tally == Counter({"shape_mismatch": 1})
     assert elapsed < 0.1
     assert peak < 256 * 1024
+
+
+def test_fuzz_certificate_signed_sealed_frames(tmp_path):
+    """Certificate-signed, sealed frames under mutation: flipped bytes anywhere (header,
+    certificate, ciphertext, signature), and the signing fields (alg, cert, enc, epk)
+    replaced by random values and re-signed with the device's certificate key. Every case
+    ends in a verdict; the valid frame itself is accepted."""
+    import base64
+
+    from fedcore import (
+        ALG_ECDSA_P256,
+        CertificateTrust,
+        certificate_der,
+        certificate_signer,
+        generate_x25519_key,
+        load_certificate,
+        load_ec_private_key,
+    )
+    from fedledger._pki import crl_path, init_ca, issue
+
+    init_ca(tmp_path, "fuzz org")
+    done = issue(tmp_path, "device", "dev-0")
+    key, cert = load_ec_private_key(done.key), load_certificate(done.cert)
+    sign = certificate_signer(key)
+    sealing = generate_x25519_key()
+    validator = UpdateValidator(
+        task=TASK,
+        registry=DeviceRegistry({}, certificates={"dev-0": done.fingerprint}),
+        shapes=SHAPES,
+        max_message_bytes=DEFAULT_MAX_MESSAGE_BYTES,
+        trust=CertificateTrust.load(tmp_path / "ca.pem", crl_path(tmp_path)),
+        decryption_key=sealing,
+    )
+    cert_b64 = base64.b64encode(certificate_der(cert)).decode()
+    header = UpdateHeader(**good_fields(alg=ALG_ECDSA_P256, cert=cert_b64))
+    good = encode_update(header, VALID_PAYLOADS["int8"], sign, seal_to=sealing.public_key())
+    tally: Counter = Counter()
+    run_case(validator, good, tally, "valid")
+    assert tally == {"accepted": 1}
+    header_len = PREFIX.unpack_from(good)[3]
+    fields = json.loads(good[12 : 12 + header_len])
+    payload = good[12 + header_len : -65]
+    r = random.Random(11)
+    for i in range(1500):
+        if i % 2:
+            data = bytearray(good)
+            for _ in range(r.randint(1, 3)):
+                data[r.randrange(len(data))] ^= 1 << r.randrange(8)
+            if data != good:  # two flips of one bit give the valid frame back
+                run_case(validator, bytes(data), tally, "cert_flip")
+            continue
+        changed = dict(fields)
+        for _ in range(r.randint(1, 2)):
+            name = r.choice(["alg", "cert", "enc", "epk"])
+            if r.random() < 0.2:
+                changed.pop(name, None)
+            elif name == "cert" and r.random() < 0.5:
+                raw = bytearray(certificate_der(cert))
+                raw[r.randrange(len(raw))] ^= 1 << r.randrange(8)
+                changed[name] = base64.b64encode(bytes(raw)).decode()
+            elif name == "epk" and r.random() < 0.5:
+                changed[name] = base64.b64encode(r.randbytes(32)).decode()
+            else:
+                changed[name] = rand_json(r)
+        body = canonical(changed)
+        signed = PREFIX.pack(MAGIC, 1, 1, len(body) & 0xFFFF, len(payload)) + body
+        data = signed + payload + b"\x40" + sign(signed)
+        run_case(validator, data, tally, "cert_fields")
+    assert tally["accepted"] == 1
+    assert tally["malformed"] and tally["bad_certificate"] and tally["decrypt_failed"]

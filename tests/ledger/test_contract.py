@@ -170,6 +170,7 @@ def test_transactions_and_kinds():
         "RecordUpdates": "submit",
         "RegisterDevice": "submit",
         "RevokeDevice": "submit",
+        "RotateDeviceKey": "submit",
     }
     for name, (fn, _) in TX.items():
         assert next(iter(inspect.signature(fn).parameters)) == "ctx", name
