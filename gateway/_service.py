@@ -4,6 +4,11 @@ One thread owns all state. The transport's callback thread only queues messages;
 thread validates them, persists accepted updates before counting them, closes rounds on
 "every registered device reported" or on the deadline (with a quorum), aggregates,
 evaluates, anchors the round on the ledger and publishes the next global model.
+
+A task with an ``asynchronous`` section runs buffered asynchronous rounds instead (FedBuff):
+each round is one model version, closed by ``buffer`` accepted updates trained from any of
+the last ``max_staleness`` versions, each weighted by its staleness (``_buffer``). The
+deadline and quorum still apply, so a fleet smaller than the buffer is not stalled either.
 """
 
 from __future__ import annotations
@@ -14,19 +19,23 @@ import queue
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import Any
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
 from fedcore import (
+    CertificateTrust,
     Message,
     ModelHeader,
     Params,
     Signer,
     TaskSpec,
+    TensorView,
     Transport,
+    UpdateHeader,
     accuracy,
     decode_envelope,
     decode_tensors,
@@ -37,6 +46,7 @@ from fedcore import (
     model_hash,
     model_payload,
     model_topic,
+    open_update_payload,
     presence_subscription,
     presence_topic,
     update_subscription,
@@ -44,12 +54,16 @@ from fedcore import (
 from ledger import ContractError, Identity, LedgerBackend, LedgerError
 
 from ._aggregate import RoundAggregator
+from ._buffer import place_update, staleness_weight
 from ._errors import GatewayError, Rejected
 from ._metrics import GatewayMetrics
 from ._registry import DeviceRegistry
 from ._store import PendingRejection, PendingUpdate, UpdateStore
 from ._strategies import ServerOptimizerState, server_step
 from ._validate import AcceptedUpdate, RoundContext, UpdateValidator
+
+if TYPE_CHECKING:
+    from fedcore._task import AsynchronousSection
 
 log = logging.getLogger(__name__)
 
@@ -125,6 +139,9 @@ class Gateway:
         metrics: GatewayMetrics | None = None,
         identity: Identity | None = None,
         admin: Identity | None = None,
+        trust: CertificateTrust | None = None,
+        decryption_key: X25519PrivateKey | None = None,
+        require_encryption: bool = False,
     ):
         """``identity`` is who the gateway submits rounds as (role ``gateway``); ``admin``, when
         given, registers the fleet and creates the task on the ledger at first start (the
@@ -150,15 +167,27 @@ class Gateway:
             registry=registry,
             shapes=self.spec.shapes(),
             max_message_bytes=max_message_bytes,
+            trust=trust,
+            decryption_key=decryption_key,
+            require_encryption=require_encryption,
         )
+        #: The certificate each device signs with, as the ledger records it (rotation).
+        self._fingerprints: dict[str, str] = {}
         self._counters: dict[str, int] = {}
-        self._pending: list[AcceptedUpdate] = []
+        #: Accepted updates waiting for the batch commit, with the round each counts in.
+        self._pending: list[tuple[AcceptedUpdate, int]] = []
         self._pending_devices: set[str] = set()
         self._pending_rejections: list[PendingRejection] = []
         self._revoked: frozenset[str] = frozenset()
         self._open: _OpenRound | None = None
         self._final_hash: str | None = None
         self._presence_prefix = presence_topic(task.id, "")
+        #: Asynchronous rounds only: the devices each buffer from the open round on holds
+        #: (stored or in the pending batch), the ``(device, base round)`` of accepted updates
+        #: in the staleness window, and the base model of each round still accepted as a base.
+        self._occupancy: dict[int, set[str]] = {}
+        self._trained_on: set[tuple[str, int]] = set()
+        self._bases: dict[int, str] = {}
         if metrics is not None:
             metrics.bind(self)
 
@@ -272,15 +301,40 @@ class Gateway:
                     has_update=self._has_update,
                     last_counter=lambda d: self._counters.get(d, -1),
                     revoked=self._revoked,
+                    max_staleness=None if self._async is None else self._async.max_staleness,
+                    bases=self._bases,
                 ),
             )
+            target = current.round if self._async is None else self._place(accepted.header)
         except Rejected as exc:
             self._reject(exc, size, current, hashlib.sha256(message.payload).hexdigest())
             return
         header = accepted.header
         self._counters[header.device] = header.counter
-        self._pending.append(accepted)
+        self._pending.append((accepted, target))
         self._pending_devices.add(header.device)
+
+    @property
+    def _async(self) -> AsynchronousSection | None:
+        return self.task.asynchronous
+
+    def _place(self, header: UpdateHeader) -> int:
+        """Asynchronous rounds: the round whose buffer takes the update, reserved at once so
+        the rest of the batch sees it."""
+        assert self._async is not None and self._open is not None
+        target = place_update(
+            device=header.device,
+            base_round=header.round,
+            current=self._open.round,
+            buffer=self._async.buffer,
+            max_staleness=self._async.max_staleness,
+            rounds=self.task.rounds,
+            occupancy=self._occupancy,
+            trained_on=self._trained_on,
+        )
+        self._occupancy.setdefault(target, set()).add(header.device)
+        self._trained_on.add((header.device, header.round))
+        return target
 
     def _has_update(self, device: str) -> bool:
         current = self._open
@@ -296,7 +350,7 @@ class Gateway:
         batch = [
             PendingUpdate(
                 task=self.task.id,
-                round=a.header.round,
+                round=target,
                 device=a.header.device,
                 digest=a.digest,
                 samples=a.header.samples,
@@ -304,23 +358,53 @@ class Gateway:
                 frame=a.frame,
                 received_at=now,
             )
-            for a in self._pending
+            for a, target in self._pending
         ]
         self.store.write_batch(batch, self._pending_rejections)
         current = self._open
         assert current is not None or not self._pending
-        for accepted in self._pending:
+        for accepted, target in self._pending:
             h = accepted.header
-            self._count(current, h.device, accepted.digest, h.samples, accepted.views)
+            # A later round's update stays in the store until that round opens.
+            if target == current.round:
+                staleness = target - h.round
+                self._count(
+                    current, h.device, accepted.digest, h.samples, accepted.views, staleness
+                )
             self.stats.accepted += 1
+            if accepted.certificate_sha256 is not None:
+                self._note_certificate(h.device, accepted.certificate_sha256)
         self._pending = []
         self._pending_devices = set()
         self._pending_rejections = []
 
-    def _count(self, current: _OpenRound, device: str, digest: str, samples: int, views) -> None:
-        current.accumulator.add(views, samples)
+    def _count(
+        self,
+        current: _OpenRound,
+        device: str,
+        digest: str,
+        samples: int,
+        views: Sequence[TensorView],
+        staleness: int = 0,
+    ) -> None:
+        current.accumulator.add(self._weighted(views, staleness), samples)
         current.devices.add(device)
-        current.contributors.append({"device": device, "update": digest, "samples": samples})
+        current.contributors.append(
+            {"device": device, "update": digest, "samples": samples, "staleness": staleness}
+        )
+
+    def _weighted(self, views: Sequence[TensorView], staleness: int) -> Sequence[TensorView]:
+        """The update's views scaled by its staleness weight: one multiply on each scale,
+        so the aggregation rules (and the streaming mean) need not know about staleness."""
+        if self._async is None or staleness == 0:
+            return views
+        weight = staleness_weight(staleness, self._async.staleness_exponent)
+        return [replace(v, scale=v.scale * weight) for v in views]
+
+    def _add_stored(self, current: _OpenRound, stored) -> None:
+        header, views = self._stored_update(stored.frame)
+        staleness = current.round - header.round
+        self._count(current, stored.device, stored.digest, stored.samples, views, staleness)
 
     def _reject(self, exc: Rejected, size: int, current: _OpenRound | None, digest: str) -> None:
         self.stats.rejected[exc.reason] += 1
@@ -357,10 +441,14 @@ class Gateway:
             deadline=deadline,
             accumulator=self._new_aggregator(),
         )
-        if resume:
+        if self._async is not None:
+            self._advance_window(round_, base_hash, resume=resume)
+        if resume or self._async is not None:
+            # Asynchronous rounds: a buffer may hold updates before it opens (passed on by
+            # a full buffer before it).
             for stored in self.store.updates(self.task.id, round_):
-                views = list(self._stored_views(stored.frame))
-                self._count(current, stored.device, stored.digest, stored.samples, views)
+                self._add_stored(current, stored)
+        if resume:
             for rejection in self.store.rejections(self.task.id, round_):
                 current.rejected[rejection["reason"]] += 1
                 current.rejections.append(rejection)
@@ -372,17 +460,60 @@ class Gateway:
         self.stats.current_round = round_
         self._publish_model(round_, "open", deadline, params)
 
-    @staticmethod
-    def _stored_views(frame: bytes):
+    def _advance_window(self, round_: int, base_hash: str, *, resume: bool) -> None:
+        """Asynchronous rounds: slide the bases, buffers and trained-on set to ``round_``; at
+        a restart, rebuild them from the store (whatever it holds counts, nothing else)."""
+        assert self._async is not None
+        oldest = round_ - self._async.max_staleness
+        if resume or not self._bases:
+            self._bases = {
+                row.round: row.base_hash
+                for row in self.store.rounds(self.task.id)
+                if row.round >= oldest
+            }
+            self._occupancy, self._trained_on = {}, set()
+            # Updates based on a round in the window are counted from there to
+            # ``max_staleness`` rounds later.
+            for round_held in range(max(oldest, 0), round_ + self._async.max_staleness + 1):
+                for stored in self.store.updates(self.task.id, round_held):
+                    header, _ = self._stored_update(stored.frame)
+                    self._trained_on.add((stored.device, header.round))
+                    if round_held >= round_:
+                        self._occupancy.setdefault(round_held, set()).add(stored.device)
+        self._bases[round_] = base_hash
+        self._bases = {r: h for r, h in self._bases.items() if r >= oldest}
+        self._occupancy = {r: d for r, d in self._occupancy.items() if r >= round_}
+        self._trained_on = {(d, b) for d, b in self._trained_on if b >= oldest}
+
+    def _stored_update(self, frame: bytes) -> tuple[UpdateHeader, list[TensorView]]:
         envelope = decode_envelope(frame, max_bytes=len(frame))
-        return iter_tensors(envelope.payload, max_elements=1 << 62)
+        header = envelope.header
+        assert isinstance(header, UpdateHeader)
+        payload = open_update_payload(envelope, self._validator.decryption_key)
+        return header, list(iter_tensors(payload, max_elements=1 << 62))
 
     def _maybe_close(self) -> None:
+        if self._async is None:
+            self._maybe_close_round()
+            return
+        # A closed buffer's successor may already be full with updates passed on to it.
+        closed = -1
+        while self._open is not None and self._open.round != closed:
+            closed = self._open.round
+            self._maybe_close_round()
+
+    def _maybe_close_round(self) -> None:
         current = self._open
         if current is None:
             return
-        everyone = len(current.devices) >= len(self.registry) - len(self._revoked)
-        if not everyone and self._clock() < current.deadline:
+        live = len(self.registry) - len(self._revoked)
+        if self._async is None:
+            due = len(current.devices) >= live
+            quorum = self.task.quorum
+        else:
+            due = len(current.devices) >= max(1, min(self._async.buffer, live))
+            quorum = min(self.task.quorum, self._async.buffer)
+        if not due and self._clock() < current.deadline:
             return
         # A device revoked while the round was open must not reach the model: the
         # contract would refuse to record it, and the record would not match the model.
@@ -390,14 +521,14 @@ class Gateway:
         late = sorted(current.devices & self._revoked)
         if late:
             self._drop_revoked(current, late)
-        if len(current.devices) < self.task.quorum:
+        if len(current.devices) < quorum:
             current.deadline = self._clock() + self.task.round_timeout
             log.warning(
                 "round %d: %d of %d updates at the deadline, below quorum %d; extended",
                 current.round,
                 len(current.devices),
                 len(self.registry),
-                self.task.quorum,
+                quorum,
             )
             self.store.open_round(
                 self.task.id, current.round, current.base_hash, current.opened_at, current.deadline
@@ -439,8 +570,10 @@ class Gateway:
         """Rebuild the round's aggregate from the store without ``late`` devices' updates."""
         log.warning("round %d: dropping updates of revoked devices %s", current.round, late)
         current.accumulator = self._new_aggregator()
-        current.contributors = [c for c in current.contributors if c["device"] not in late]
-        current.devices -= set(late)
+        current.contributors = []
+        current.devices = set()
+        if current.round in self._occupancy:
+            self._occupancy[current.round] -= set(late)
         for stored in self.store.updates(self.task.id, current.round):
             if stored.device in late:
                 current.rejected["revoked"] += 1
@@ -449,7 +582,7 @@ class Gateway:
                     {"device": stored.device, "digest": stored.digest, "reason": "revoked"}
                 )
             else:
-                current.accumulator.add(list(self._stored_views(stored.frame)), stored.samples)
+                self._add_stored(current, stored)
 
     def _new_aggregator(self) -> RoundAggregator:
         return RoundAggregator(
@@ -547,9 +680,12 @@ class Gateway:
             "metrics": self._round_metrics(current, acc),
         }
 
-    @staticmethod
-    def _round_metrics(current: _OpenRound, acc: float | None) -> dict[str, float]:
+    def _round_metrics(self, current: _OpenRound, acc: float | None) -> dict[str, float]:
         metrics = {} if acc is None else {"accuracy": round(acc, 6)}
+        if self._async is not None and current.contributors:
+            staleness = [c["staleness"] for c in current.contributors]
+            metrics["staleness_mean"] = round(sum(staleness) / len(staleness), 6)
+            metrics["staleness_max"] = float(max(staleness))
         if not current.accumulator.streaming:
             metrics["updates_dropped"] = float(current.accumulator.dropped)
             metrics["updates_clipped"] = float(current.accumulator.clipped)
@@ -616,10 +752,33 @@ class Gateway:
                     continue
                 if record.get("status") == "revoked":
                     revoked.add(device)
+                if isinstance(record.get("key_fingerprint"), str):
+                    self._fingerprints[device] = record["key_fingerprint"]
         except (LedgerError, OSError) as exc:
             log.error("could not read device status from the ledger: %s", exc)
             return self._revoked
         return frozenset(revoked)
+
+    def _note_certificate(self, device: str, fingerprint: str) -> None:
+        """A device that signs with a new certificate of the CA (a rotation) keeps its id,
+        history and counter; the ledger records which certificate it signs with now.
+
+        A failed ``RotateDeviceKey`` is retried after the next round opens (the fingerprint
+        is read back from the ledger then).
+        """
+        known = self._fingerprints.get(device)
+        if known is None or known == fingerprint:
+            return
+        self._fingerprints[device] = fingerprint
+        try:
+            self.ledger.submit(
+                "RotateDeviceKey", device, self.identity.msp_id, known, fingerprint,
+                identity=self.identity,
+            )  # fmt: skip
+        except (LedgerError, OSError) as exc:
+            log.error("ledger could not record the new certificate of %s: %s", device, exc)
+            return
+        log.info("device %s signs with a new certificate %s", device, fingerprint[:12])
 
     def _ledger_round(self, round_: int) -> dict[str, Any] | None:
         try:
