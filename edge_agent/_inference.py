@@ -132,6 +132,8 @@ class Predictor:
         x = np.asarray(x, dtype=np.float32)
         if x.ndim == 1:
             x = x[None, :]
+        elif x.ndim == 3:  # cnn1d windows (n, window, channels): the model reads them flat
+            x = x.reshape(len(x), -1)
         if x.ndim != 2 or x.shape[1] != self.n_features:
             raise InferenceError(
                 f"expected inputs of shape (n, {self.n_features}), got {np.shape(x)}"
@@ -139,7 +141,8 @@ class Predictor:
         return np.ascontiguousarray(x)
 
     def logits(self, x: np.ndarray) -> np.ndarray:
-        """Logits (n, n_classes) for inputs ``x`` (n, n_features) or one row (n_features,)."""
+        """Logits (n, n_classes) for inputs ``x`` (n, n_features) or one row (n_features,);
+        a cnn1d model also takes windows (n, window, channels)."""
         x = self._as_batch(x)
         if self.backend == "onnxruntime":
             return np.asarray(self._session.run(None, {self._input_name: x})[0])

@@ -6,8 +6,11 @@ package), so no PyTorch or TensorFlow is involved. Both are optional dependencie
 ``inference`` extra) and are imported only when an export is asked for.
 
 Weights are quantized like the int8 codecs (``quantize_int8_channels`` per output channel, or
-``quantize_int8`` per tensor): symmetric, zero point 0, ``q`` in [-127, 127]. Biases stay
-float32. Input standardization (``feature_mean``/``feature_scale``) is kept as explicit
+``quantize_int8`` per tensor): symmetric, zero point 0, ``q`` in [-127, 127], one scale per
+output unit or cnn1d filter, as quantization-aware training (``fedcore._model.fake_quantize``)
+simulates them. Biases stay float32. A cnn1d's convolution becomes an ONNX ``Conv`` and a
+TFLite ``CONV_2D`` with a 1 x kernel filter, fed the same flat window rows as NumPy.
+Input standardization (``feature_mean``/``feature_scale``) is kept as explicit
 ``Sub``/``Div`` so that the exported graph computes exactly :func:`predict_logits` on
 :func:`dequantized_params`, which is the NumPy reference an exported model is checked against.
 """
@@ -22,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from ._codec import quantize_int8, quantize_int8_channels
-from ._model import ModelSpec, model_hash
+from ._model import ModelSpec, feature_stats, model_hash
 
 EXPORT_FORMATS = ("onnx", "tflite")
 ONNX_OPSET = 13  # per-axis DequantizeLinear; runs on onnxruntime >= 1.6
@@ -32,7 +35,8 @@ OUTPUT_NAME = "logits"
 
 
 def _layers(spec: ModelSpec) -> list[tuple[str, str, bool]]:
-    """(weight, bias, relu after) for each dense layer, in order."""
+    """(weight, bias, relu after) for each layer, in order (a cnn1d's first is its
+    convolution, followed by global average pooling)."""
     if spec.kind == "logreg":
         return [("w", "b", False)]
     return [("w1", "b1", True), ("w2", "b2", False)]
@@ -50,7 +54,8 @@ def _check_params(spec: ModelSpec, params: Mapping[str, np.ndarray]) -> None:
 
 
 def _quantize_weight(w: np.ndarray, per_channel: bool) -> tuple[np.ndarray, np.ndarray]:
-    """int8 ``q`` of shape (in, out) and float32 scales (one per output column, or one)."""
+    """int8 ``q`` of ``w``'s shape and float32 scales (one per output column or filter, the
+    last axis, or one)."""
     if per_channel:
         q, scales = quantize_int8_channels(w)
         return q, np.asarray(scales, dtype=np.float32).reshape(-1)
@@ -95,7 +100,8 @@ def _require(module: str, package: str):
 
 def build_onnx(spec: ModelSpec, params: Mapping[str, np.ndarray], *, per_channel: bool = True):
     """An ``onnx.ModelProto``: [Sub, Div,] then per layer DequantizeLinear(int8 weight) ->
-    MatMul -> Add [-> Relu]. Input ``features`` (N, F) float32, output ``logits`` (N, C)."""
+    MatMul -> Add [-> Relu] (a cnn1d's convolution: see :func:`_onnx_conv`). Input
+    ``features`` (N, F) float32 (cnn1d: flat windows), output ``logits`` (N, C)."""
     onnx = _require("onnx", "onnx")
     from onnx import TensorProto, helper, numpy_helper
 
@@ -103,9 +109,9 @@ def build_onnx(spec: ModelSpec, params: Mapping[str, np.ndarray], *, per_channel
     inits = []
     nodes = []
     current = INPUT_NAME
-    if spec.feature_mean:
-        mean = np.asarray(spec.feature_mean, dtype=np.float32)
-        scale = np.asarray(spec.feature_scale, dtype=np.float32)
+    stats = feature_stats(spec)
+    if stats is not None:
+        mean, scale = stats
         inits += [numpy_helper.from_array(mean, "feature_mean")]
         inits += [numpy_helper.from_array(scale, "feature_scale")]
         nodes.append(helper.make_node("Sub", [current, "feature_mean"], ["centered"]))
@@ -114,6 +120,9 @@ def build_onnx(spec: ModelSpec, params: Mapping[str, np.ndarray], *, per_channel
     layers = _layers(spec)
     for i, (w_name, b_name, relu) in enumerate(layers):
         q, scales = _quantize_weight(np.asarray(params[w_name], dtype=np.float32), per_channel)
+        conv = spec.kind == "cnn1d" and i == 0
+        if conv:
+            q = np.ascontiguousarray(q.transpose(2, 1, 0))  # (kernel, ch, filters) -> ONNX's
         if not per_channel:
             scales = scales.reshape(())  # per-tensor: scalar scale and zero point
         zero = np.zeros(scales.shape, dtype=np.int8)
@@ -123,7 +132,7 @@ def build_onnx(spec: ModelSpec, params: Mapping[str, np.ndarray], *, per_channel
             numpy_helper.from_array(zero, f"{w_name}_zero_point"),
             numpy_helper.from_array(np.asarray(params[b_name], dtype=np.float32), b_name),
         ]
-        dq_attrs = {"axis": 1} if per_channel else {}
+        dq_attrs = ({"axis": 0 if conv else 1}) if per_channel else {}
         nodes.append(
             helper.make_node(
                 "DequantizeLinear",
@@ -132,6 +141,10 @@ def build_onnx(spec: ModelSpec, params: Mapping[str, np.ndarray], *, per_channel
                 **dq_attrs,
             )
         )
+        if conv:
+            nodes += _onnx_conv(spec, current, w_name, b_name, inits)
+            current = "pooled"
+            continue
         nodes.append(helper.make_node("MatMul", [current, w_name], [f"{w_name}_product"]))
         last = i == len(layers) - 1
         added = OUTPUT_NAME if last else f"{b_name}_preactivation"
@@ -156,6 +169,25 @@ def build_onnx(spec: ModelSpec, params: Mapping[str, np.ndarray], *, per_channel
     helper.set_model_props(model, _metadata(spec, params, per_channel))
     onnx.checker.check_model(model, full_check=True)
     return model
+
+
+def _onnx_conv(spec: ModelSpec, current: str, w_name: str, b_name: str, inits: list) -> list:
+    """A cnn1d's convolution block: flat windows (N, window x channels) -> Reshape (N, window,
+    channels) -> Transpose (N, channels, window) -> Conv (int8 QDQ weights, bias) -> Relu ->
+    ReduceMean over time -> (N, filters), the global average pool."""
+    from onnx import helper, numpy_helper
+
+    shape = np.asarray([-1, spec.window, spec.channels], dtype=np.int64)
+    inits.append(numpy_helper.from_array(shape, "window_shape"))
+    return [
+        helper.make_node("Reshape", [current, "window_shape"], ["windows"]),
+        helper.make_node("Transpose", ["windows"], ["windows_nct"], perm=[0, 2, 1]),
+        helper.make_node(
+            "Conv", ["windows_nct", w_name, b_name], ["conv"], kernel_shape=[spec.kernel]
+        ),
+        helper.make_node("Relu", ["conv"], ["conv_activation"]),
+        helper.make_node("ReduceMean", ["conv_activation"], ["pooled"], axes=[2], keepdims=0),
+    ]
 
 
 def export_onnx(
@@ -191,12 +223,16 @@ def build_tflite(
 ) -> bytes:
     """A TFLite flatbuffer: [SUB, DIV,] then per layer a hybrid FULLY_CONNECTED (int8
     weights, float32 activations, fused RELU for the hidden layer). Input ``features``
-    (N, F) float32 (batch resizable), output ``logits`` (N, C)."""
+    (N, F) float32 (batch resizable), output ``logits`` (N, C).
+
+    A cnn1d's convolution is RESHAPE to NHWC (N, 1, window, channels), a hybrid CONV_2D with
+    a 1 x kernel filter (int8, one scale per filter, fused RELU), then MEAN over time."""
     flatbuffers = _require("flatbuffers", "flatbuffers")
     t_model, t_subgraph, t_tensor = _tfl("Model"), _tfl("SubGraph"), _tfl("Tensor")
     t_buffer, t_operator, t_opcode = _tfl("Buffer"), _tfl("Operator"), _tfl("OperatorCode")
     t_quant, t_fc = _tfl("QuantizationParameters"), _tfl("FullyConnectedOptions")
-    t_meta = _tfl("Metadata")
+    t_meta, t_conv, t_reducer = _tfl("Metadata"), _tfl("Conv2DOptions"), _tfl("ReducerOptions")
+    padding = _tfl("Padding").Padding
     builtin_op = _tfl("BuiltinOperator").BuiltinOperator
     builtin_options = _tfl("BuiltinOptions").BuiltinOptions
     tensor_type = _tfl("TensorType").TensorType
@@ -206,7 +242,8 @@ def build_tflite(
     # Plain Python description first, serialized below (flatbuffers are built bottom-up).
     buffers: list[bytes] = [b""]  # buffer 0: the empty sentinel the schema requires
     tensors: list[dict] = []
-    operators: list[tuple[int, list[int], list[int], int]] = []  # (opcode, in, out, activation)
+    # (opcode, inputs, outputs, options: None, ("fc" | "conv", activation) or ("mean",))
+    operators: list[tuple[int, list[int], list[int], tuple | None]] = []
     opcodes: list[int] = []
 
     def tensor(name, shape, ttype, data=None, signature=None, quant=None) -> int:
@@ -220,17 +257,18 @@ def build_tflite(
         )
         return len(tensors) - 1
 
-    def operator(op: int, inputs: list[int], outputs: list[int], act: int = -1) -> None:
+    def operator(op: int, inputs: list[int], outputs: list[int], options=None) -> None:
         if op not in opcodes:
             opcodes.append(op)
-        operators.append((opcodes.index(op), inputs, outputs, act))
+        operators.append((opcodes.index(op), inputs, outputs, options))
 
     n, f, c = 1, spec.n_features, spec.n_classes
     current = tensor(INPUT_NAME, [n, f], tensor_type.FLOAT32, signature=[-1, f])
     graph_input = current
-    if spec.feature_mean:
-        mean = tensor("feature_mean", [f], tensor_type.FLOAT32, np.float32(spec.feature_mean))
-        scale = tensor("feature_scale", [f], tensor_type.FLOAT32, np.float32(spec.feature_scale))
+    stats = feature_stats(spec)
+    if stats is not None:
+        mean = tensor("feature_mean", [f], tensor_type.FLOAT32, stats[0])
+        scale = tensor("feature_scale", [f], tensor_type.FLOAT32, stats[1])
         centered = tensor("centered", [n, f], tensor_type.FLOAT32, signature=[-1, f])
         standardized = tensor("standardized", [n, f], tensor_type.FLOAT32, signature=[-1, f])
         operator(builtin_op.SUB, [current, mean], [centered])
@@ -239,6 +277,29 @@ def build_tflite(
     layers = _layers(spec)
     for i, (w_name, b_name, relu) in enumerate(layers):
         q, scales = _quantize_weight(np.asarray(params[w_name], dtype=np.float32), per_channel)
+        if spec.kind == "cnn1d" and i == 0:
+            k, ch, m = q.shape
+            positions = spec.window - k + 1
+            shape = tensor(
+                "window_shape", [4], tensor_type.INT32, np.int32([-1, 1, spec.window, ch])
+            )
+            nhwc = [1, spec.window, ch]
+            windows = tensor("windows", [n, *nhwc], tensor_type.FLOAT32, signature=[-1, *nhwc])
+            operator(builtin_op.RESHAPE, [current, shape], [windows])
+            # CONV_2D filters are OHWI: (filters, 1, kernel, channels), per-channel on axis 0.
+            ohwi = np.ascontiguousarray(q.transpose(2, 0, 1)[:, None, :, :])
+            weight = tensor(
+                f"{w_name}_int8", list(ohwi.shape), tensor_type.INT8, ohwi, quant=(scales, 0)
+            )
+            bias = tensor(b_name, [m], tensor_type.FLOAT32, np.float32(params[b_name]))
+            out_hwc = [1, positions, m]
+            conv = tensor("conv", [n, *out_hwc], tensor_type.FLOAT32, signature=[-1, *out_hwc])
+            operator(builtin_op.CONV_2D, [windows, weight, bias], [conv], ("conv", activation.RELU))
+            axes = tensor("pool_axes", [2], tensor_type.INT32, np.int32([1, 2]))
+            pooled = tensor("pooled", [n, m], tensor_type.FLOAT32, signature=[-1, m])
+            operator(builtin_op.MEAN, [conv, axes], [pooled], ("mean",))
+            current = pooled
+            continue
         width = q.shape[1]
         # TFLite keeps FULLY_CONNECTED weights as (out, in); per-channel along axis 0.
         weight = tensor(
@@ -253,7 +314,7 @@ def build_tflite(
         out_name = OUTPUT_NAME if last else f"{w_name}_activation"
         out = tensor(out_name, [n, width], tensor_type.FLOAT32, signature=[-1, width])
         act = activation.RELU if relu else activation.NONE
-        operator(builtin_op.FULLY_CONNECTED, [current, weight, bias], [out], act)
+        operator(builtin_op.FULLY_CONNECTED, [current, weight, bias], [out], ("fc", act))
         current = out
     graph_output = current
     assert tensors[graph_output]["shape"][1] == c
@@ -307,23 +368,39 @@ def build_tflite(
         tensor_offsets.append(t_tensor.TensorEnd(b))
 
     operator_offsets = []
-    for opcode_index, inputs, outputs, act in operators:
+    for opcode_index, inputs, outputs, option in operators:
         in_vec = int_vector(t_operator.OperatorStartInputsVector, inputs)
         out_vec = int_vector(t_operator.OperatorStartOutputsVector, outputs)
-        options = None
-        if act >= 0:
+        options = options_type = None
+        if option is not None and option[0] == "fc":
             t_fc.FullyConnectedOptionsStart(b)
-            t_fc.FullyConnectedOptionsAddFusedActivationFunction(b, act)
+            t_fc.FullyConnectedOptionsAddFusedActivationFunction(b, option[1])
             # Quantize each row's activations with its own range (better accuracy than one
             # symmetric range per batch).
             t_fc.FullyConnectedOptionsAddAsymmetricQuantizeInputs(b, True)
             options = t_fc.FullyConnectedOptionsEnd(b)
+            options_type = builtin_options.FullyConnectedOptions
+        elif option is not None and option[0] == "conv":
+            t_conv.Conv2DOptionsStart(b)
+            t_conv.Conv2DOptionsAddPadding(b, padding.VALID)
+            t_conv.Conv2DOptionsAddStrideW(b, 1)
+            t_conv.Conv2DOptionsAddStrideH(b, 1)
+            t_conv.Conv2DOptionsAddDilationWFactor(b, 1)
+            t_conv.Conv2DOptionsAddDilationHFactor(b, 1)
+            t_conv.Conv2DOptionsAddFusedActivationFunction(b, option[1])
+            options = t_conv.Conv2DOptionsEnd(b)
+            options_type = builtin_options.Conv2DOptions
+        elif option is not None and option[0] == "mean":
+            t_reducer.ReducerOptionsStart(b)
+            t_reducer.ReducerOptionsAddKeepDims(b, False)
+            options = t_reducer.ReducerOptionsEnd(b)
+            options_type = builtin_options.ReducerOptions
         t_operator.OperatorStart(b)
         t_operator.OperatorAddOpcodeIndex(b, opcode_index)
         t_operator.OperatorAddInputs(b, in_vec)
         t_operator.OperatorAddOutputs(b, out_vec)
         if options is not None:
-            t_operator.OperatorAddBuiltinOptionsType(b, builtin_options.FullyConnectedOptions)
+            t_operator.OperatorAddBuiltinOptionsType(b, options_type)
             t_operator.OperatorAddBuiltinOptions(b, options)
         operator_offsets.append(t_operator.OperatorEnd(b))
 

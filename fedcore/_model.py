@@ -3,6 +3,19 @@
 Models are plain dicts of named float32 arrays so that codecs, aggregation rules and the
 ledger's model hash all work on one representation. Training is NumPy only: nothing here
 needs more than what a Raspberry Pi-class device carries.
+
+Kinds: ``logreg`` (one dense layer), ``mlp`` (dense, ReLU, dense) and ``cnn1d`` for windows of
+sensor signals: Conv1D (``filters`` x ``kernel``, stride 1, no padding), ReLU, global average
+pooling over time, dense. A cnn1d input row is a window flattened row-major from
+``(window, channels)``, so every model takes ``(n, n_features)`` tables and data files, the
+agent's checks and the exports stay kind-agnostic. Its convolution is an im2col over a strided
+view: one matrix product per batch, no Python loop over samples or positions.
+
+Quantization-aware training (``train(..., qat=True)``) runs every forward pass on weights
+fake-quantized exactly as the int8 export quantizes them (symmetric, one scale per output
+unit or filter) and passes gradients straight through to the float weights (the
+straight-through estimator, Bengio et al. 2013; Jacob et al. 2018), so a model trained this
+way loses no accuracy when it runs as int8 on a device.
 """
 
 from __future__ import annotations
@@ -13,10 +26,14 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from ._canonical import canonical_json, sha256_hex
-from ._codec import encode_tensors
+from ._codec import encode_tensors, quantize_int8_channels
 
 Params = dict[str, np.ndarray]
-MODEL_KINDS = ("logreg", "mlp")
+MODEL_KINDS = ("logreg", "mlp", "cnn1d")
+#: The fields only a cnn1d model has; left out of other kinds' dicts (and hashes), which so
+#: stay what they were before cnn1d existed.
+CNN_FIELDS = ("window", "channels", "filters", "kernel")
+_CNN_DEFAULTS = {"window": 0, "channels": 0, "filters": 8, "kernel": 5}
 
 
 @dataclass(frozen=True)
@@ -35,23 +52,50 @@ class ModelSpec:
     feature_mean: tuple[float, ...] = field(default_factory=tuple)
     feature_scale: tuple[float, ...] = field(default_factory=tuple)
     init_seed: int = 0
+    window: int = 0
+    channels: int = 0
+    filters: int = 8
+    kernel: int = 5
 
     def __post_init__(self) -> None:
         if self.kind not in MODEL_KINDS:
             raise ValueError(f"model kind {self.kind!r} is not one of {MODEL_KINDS}")
         if self.n_features < 1 or self.n_classes < 2 or self.hidden < 1:
             raise ValueError("n_features >= 1, n_classes >= 2 and hidden >= 1 are required")
+        if self.kind == "cnn1d":
+            self._check_cnn()
+        else:
+            extra = [k for k in CNN_FIELDS if getattr(self, k) != _CNN_DEFAULTS[k]]
+            if extra:
+                raise ValueError(f"{', '.join(extra)} only apply to kind 'cnn1d'")
+        allowed = {self.n_features, self.channels} if self.kind == "cnn1d" else {self.n_features}
         for name in ("feature_mean", "feature_scale"):
             values = getattr(self, name)
-            if values and len(values) != self.n_features:
+            if values and len(values) not in allowed:
                 raise ValueError(f"{name} has {len(values)} values for {self.n_features} features")
 
+    def _check_cnn(self) -> None:
+        for name in CNN_FIELDS:
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} >= 1 is required for kind 'cnn1d'")
+        if self.kernel > self.window:
+            raise ValueError(f"kernel {self.kernel} is longer than the window {self.window}")
+        if self.n_features != self.window * self.channels:
+            raise ValueError(
+                f"n_features {self.n_features} must be window x channels "
+                f"({self.window} x {self.channels} = {self.window * self.channels})"
+            )
+
     def to_dict(self) -> dict:
-        return asdict(self)
+        data = asdict(self)
+        if self.kind != "cnn1d":
+            for name in CNN_FIELDS:
+                del data[name]
+        return data
 
     @classmethod
     def from_dict(cls, data: Mapping) -> ModelSpec:
-        values = dict(data)
+        values = {k: v for k, v in dict(data).items() if not (k in CNN_FIELDS and v is None)}
         for name in ("feature_mean", "feature_scale"):
             values[name] = tuple(float(v) for v in values.get(name, ()))
         return cls(**values)
@@ -63,6 +107,10 @@ class ModelSpec:
         f, c, h = self.n_features, self.n_classes, self.hidden
         if self.kind == "logreg":
             return {"w": (f, c), "b": (c,)}
+        if self.kind == "cnn1d":
+            k, ch, m = self.kernel, self.channels, self.filters
+            # Filters last: the per-channel int8 codec and QAT give each filter its own scale.
+            return {"w1": (k, ch, m), "b1": (m,), "w2": (m, c), "b2": (c,)}
         return {"w1": (f, h), "b1": (h,), "w2": (h, c), "b2": (c,)}
 
     def n_params(self) -> int:
@@ -76,7 +124,8 @@ def init_params(spec: ModelSpec) -> Params:
         if name.startswith("b"):
             params[name] = np.zeros(shape, dtype=np.float32)
         else:
-            std = np.sqrt(2.0 / (shape[0] + shape[1]))
+            # Glorot: fan in is every axis but the last (a cnn1d kernel's taps x channels).
+            std = np.sqrt(2.0 / (int(np.prod(shape[:-1])) + shape[-1]))
             params[name] = rng.normal(0.0, std, size=shape).astype(np.float32)
     return params
 
@@ -91,20 +140,96 @@ def model_hash(params: Mapping[str, np.ndarray]) -> str:
     return sha256_hex(model_payload(params))
 
 
+def feature_stats(spec: ModelSpec) -> tuple[np.ndarray, np.ndarray] | None:
+    """``(mean, scale)`` with one value per input feature, or None without standardization.
+
+    Per-channel statistics of a cnn1d model are repeated over its window here, so the model,
+    the exports and their parity tests all standardize with the same full-length vectors.
+    """
+    if not spec.feature_mean:
+        return None
+    mean = np.asarray(spec.feature_mean, dtype=np.float32)
+    scale = np.asarray(spec.feature_scale, dtype=np.float32)
+    if len(mean) != spec.n_features:
+        mean, scale = np.tile(mean, spec.window), np.tile(scale, spec.window)
+    return mean, scale
+
+
 def _standardize(spec: ModelSpec, x: np.ndarray) -> np.ndarray:
     x = np.asarray(x, dtype=np.float32)
-    if spec.feature_mean:
-        x = (x - np.asarray(spec.feature_mean, dtype=np.float32)) / np.asarray(
-            spec.feature_scale, dtype=np.float32
-        )
+    if x.ndim == 3:  # (n, window, channels) windows: flatten as the model expects
+        x = x.reshape(len(x), -1)
+    stats = feature_stats(spec)
+    if stats is not None:
+        x = (x - stats[0]) / stats[1]
     return x
 
 
+def fake_quantize(params: Mapping[str, np.ndarray]) -> Params:
+    """Weights rounded to int8 and back, one symmetric scale per output unit or filter (the
+    last axis, as the int8-channel codec and the exports quantize); biases untouched.
+
+    This is what a device computes with once the model runs as int8.
+    """
+    out: Params = {}
+    for name, value in params.items():
+        value = np.asarray(value, dtype=np.float32)
+        if name.startswith("w"):
+            q, scales = quantize_int8_channels(value)
+            out[name] = q.astype(np.float32) * scales
+        else:
+            out[name] = value
+    return out
+
+
+def _im2col(spec: ModelSpec, x: np.ndarray) -> np.ndarray:
+    """(n, window x channels) -> (n, positions, kernel x channels): every kernel-long
+    stretch of every window as one row, in the layout of ``w1`` reshaped to 2-D.
+
+    A strided view, copied once by the reshape; positions = window - kernel + 1.
+    """
+    windows = x.reshape(len(x), spec.window, spec.channels)
+    view = np.lib.stride_tricks.sliding_window_view(windows, spec.kernel, axis=1)
+    # view: (n, positions, channels, kernel) -> (n, positions, kernel, channels)
+    return view.transpose(0, 1, 3, 2).reshape(len(x), -1, spec.kernel * spec.channels)
+
+
 def _forward(spec: ModelSpec, params: Mapping[str, np.ndarray], x: np.ndarray):
+    """Logits and what the backward pass needs (None, hidden activations, or the cnn1d's
+    im2col rows with its ReLU outputs and pooled features)."""
     if spec.kind == "logreg":
         return x @ params["w"] + params["b"], None
+    if spec.kind == "cnn1d":
+        cols = _im2col(spec, x)
+        w1 = params["w1"].reshape(-1, spec.filters)
+        conv = np.maximum(cols @ w1 + params["b1"], 0.0)
+        pooled = conv.mean(axis=1)
+        return pooled @ params["w2"] + params["b2"], (cols, conv, pooled)
     hidden = np.maximum(x @ params["w1"] + params["b1"], 0.0)
     return hidden @ params["w2"] + params["b2"], hidden
+
+
+def _gradients(
+    spec: ModelSpec, params: Mapping[str, np.ndarray], x: np.ndarray, g: np.ndarray, cache
+) -> Params:
+    """Gradients of the mean loss given ``g``, its gradient with respect to the logits."""
+    if spec.kind == "logreg":
+        return {"w": x.T @ g, "b": g.sum(axis=0)}
+    if spec.kind == "cnn1d":
+        cols, conv, pooled = cache
+        positions = conv.shape[1]
+        gp = g @ params["w2"].T
+        # The average pool spreads each pooled gradient evenly over the positions.
+        gc = (gp[:, None, :] / np.float32(positions)) * (conv > 0)
+        gw1 = cols.reshape(-1, cols.shape[-1]).T @ gc.reshape(-1, spec.filters)
+        return {
+            "w2": pooled.T @ g,
+            "b2": g.sum(axis=0),
+            "w1": gw1.reshape(params["w1"].shape),
+            "b1": gc.sum(axis=(0, 1)),
+        }
+    gh = (g @ params["w2"].T) * (cache > 0)
+    return {"w2": cache.T @ g, "b2": g.sum(axis=0), "w1": x.T @ gh, "b1": gh.sum(axis=0)}
 
 
 def predict_logits(spec: ModelSpec, params: Mapping[str, np.ndarray], x: np.ndarray) -> np.ndarray:
@@ -139,11 +264,17 @@ def train(
     seed: int,
     l2: float = 1e-4,
     prox_mu: float = 0.0,
+    qat: bool = False,
 ) -> Params:
     """Mini-batch SGD on softmax cross-entropy; returns new parameters, inputs untouched.
 
     ``prox_mu > 0`` adds FedProx's proximal term ``mu/2 * ||w - w_global||^2`` (Li et al.,
     2020), which keeps a device with skewed data from drifting far from the global model.
+
+    ``qat`` computes forward and backward passes with :func:`fake_quantize`-d weights and
+    applies the gradients to the float weights (straight-through estimator); the L2 and
+    proximal terms act on the float weights. The float weights are returned: they are what
+    the federation averages, and the int8 model is quantized from them at export.
     """
     x = _standardize(spec, x)
     y = np.asarray(y, dtype=np.int64)
@@ -156,19 +287,13 @@ def train(
         for start in range(0, n, batch_size):
             idx = order[start : start + batch_size]
             xb, yb = x[idx], y[idx]
-            logits, hidden = _forward(spec, p, xb)
+            used = fake_quantize(p) if qat else p
+            logits, cache = _forward(spec, used, xb)
             g = _softmax_grad(logits, yb).astype(np.float32)
-            if spec.kind == "logreg":
-                grads = {"w": xb.T @ g + l2 * p["w"], "b": g.sum(axis=0)}
-            else:
-                gh = (g @ p["w2"].T) * (hidden > 0)
-                grads = {
-                    "w2": hidden.T @ g + l2 * p["w2"],
-                    "b2": g.sum(axis=0),
-                    "w1": xb.T @ gh + l2 * p["w1"],
-                    "b1": gh.sum(axis=0),
-                }
+            grads = _gradients(spec, used, xb, g, cache)
             for name, grad in grads.items():
+                if name.startswith("w"):
+                    grad = grad + l2 * p[name]
                 if anchor is not None:
                     grad = grad + np.float32(prox_mu) * (p[name] - anchor[name])
                 p[name] -= np.float32(lr) * grad.astype(np.float32)

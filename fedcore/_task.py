@@ -20,13 +20,22 @@ Identifier = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")]
 
 
 class ModelSection(StrictModel):
-    kind: Literal["logreg", "mlp"]
+    kind: Literal["logreg", "mlp", "cnn1d"]
+    #: Input width; for cnn1d ``window * channels`` (a window flattened row-major).
     n_features: Annotated[int, Field(ge=1)]
     n_classes: Annotated[int, Field(ge=2)]
+    #: Hidden units of the mlp (unused by the other kinds).
     hidden: Annotated[int, Field(ge=1)] = 16
+    #: One value per feature (for cnn1d also: one per channel).
     feature_mean: list[float] = Field(default_factory=list)
     feature_scale: list[float] = Field(default_factory=list)
     init_seed: int = 0
+    #: cnn1d only: time steps per window, signal channels, convolution filters and their
+    #: length in time steps (filters default to 8, kernel to 5).
+    window: Annotated[int, Field(ge=1)] | None = None
+    channels: Annotated[int, Field(ge=1)] | None = None
+    filters: Annotated[int, Field(ge=1, le=1024)] | None = None
+    kernel: Annotated[int, Field(ge=1)] | None = None
 
     def spec(self) -> ModelSpec:
         return ModelSpec.from_dict(self.model_dump())
@@ -38,6 +47,28 @@ class TrainingSection(StrictModel):
     lr: Annotated[float, Field(gt=0, le=10)] = 0.1
     #: FedProx's proximal coefficient (0: plain local SGD, as FedAvg).
     prox_mu: Annotated[float, Field(ge=0, le=100)] = 0.0
+    #: Quantization-aware training: forward passes on int8 fake-quantized weights (one scale
+    #: per output unit or filter), so the model keeps its accuracy when run as int8.
+    qat: bool = False
+
+
+class AsynchronousSection(StrictModel):
+    """Buffered asynchronous rounds (FedBuff, Nguyen et al., 2022): a new global model every
+    ``buffer`` accepted updates, whatever model each was trained from.
+
+    Devices never wait for each other, so a slow or vanished device stalls nothing; the
+    price is staleness, which the weight ``(1 + s) ** -staleness_exponent`` damps (s: how
+    many models the gateway produced between the update's base and the one it is applied
+    to), and which ``max_staleness`` bounds.
+    """
+
+    #: Accepted updates per new global model (FedBuff's K).
+    buffer: Annotated[int, Field(ge=1)] = 5
+    #: Versions an update's base may lag behind the model it is applied to; more is refused
+    #: (``too_stale``).
+    max_staleness: Annotated[int, Field(ge=0)] = 10
+    #: ``a`` in the staleness weight ``(1 + s) ** -a``; 0 weighs stale updates like fresh ones.
+    staleness_exponent: Annotated[float, Field(ge=0, le=10)] = 0.5
 
 
 class TaskSpec(StrictModel):
@@ -64,6 +95,9 @@ class TaskSpec(StrictModel):
     server_optimizer: Literal["sgd", "fedadam", "fedyogi", "fedadagrad"] = "sgd"
     #: The server learning rate; unset: 1 for sgd, 0.1 for the adaptive optimizers.
     server_lr: Annotated[float, Field(gt=0, le=100)] | None = None
+    #: Present: buffered asynchronous rounds, each round one model version (``rounds`` of
+    #: them); absent: synchronous rounds closed by everyone, or by the deadline with a quorum.
+    asynchronous: AsynchronousSection | None = None
 
     def aggregation_label(self) -> str:
         """How the ledger names this task's aggregation: the rule, plus the server optimizer
@@ -76,7 +110,9 @@ class TaskSpec(StrictModel):
         return self.model.spec()
 
     def spec_hash(self) -> str:
-        return sha256_hex(canonical_json(self.model_dump(mode="json")))
+        # An absent section is left out, so synchronous tasks keep the hash they had.
+        exclude = {"asynchronous"} if self.asynchronous is None else None
+        return sha256_hex(canonical_json(self.model_dump(mode="json", exclude=exclude)))
 
 
 def load_task(path: str | os.PathLike[str]) -> TaskSpec:
@@ -84,5 +120,13 @@ def load_task(path: str | os.PathLike[str]) -> TaskSpec:
     try:
         task.model_spec()
     except ValueError as exc:
-        raise ConfigError(str(exc), file=str(path), key="model") from None
+        raise ConfigError(str(exc), file=str(path), key=_model_key(str(exc))) from None
     return task
+
+
+def _model_key(message: str) -> str:
+    """The ``model.<key>`` a spec error is about: spec errors start with the key's name."""
+    for name in sorted(ModelSection.model_fields, key=len, reverse=True):
+        if message.startswith(name):
+            return f"model.{name}"
+    return "model"

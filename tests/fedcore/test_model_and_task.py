@@ -64,7 +64,8 @@ def test_task_file_errors_name_file_and_key(tmp_path):
         "id = 'x'\n[model]\nkind = 'logreg'\nn_features = 3\nn_classes = 2\nfeature_mean = [1.0]\n"
     )
     with pytest.raises(
-        ConfigError, match=r"task.toml: model: feature_mean has 1 values for 3 features"
+        ConfigError,
+        match=r"task.toml: model.feature_mean: feature_mean has 1 values for 3 features",
     ):
         load_task(path)
 
