@@ -9,11 +9,12 @@ STAMP := $(VENV)/.fedledger-installed
 DEMO_ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: demo test setup broker prometheus lint bench dashboards clean help
+.PHONY: demo test test-provision provision-tools setup broker prometheus lint bench dashboards clean help
 
 help:
 	@echo "make demo    set everything up and run a federated training on this machine"
 	@echo "make test    set everything up and run the whole test suite"
+	@echo "make test-provision  boot Debian test hosts and run the Ansible playbooks against them (root)"
 	@echo "make bench   print the benchmark figures as JSON"
 	@echo "make lint    ruff over the tree"
 	@echo "make dashboards  regenerate monitoring/dashboards/*.json from monitoring/dashboards.py"
@@ -22,11 +23,23 @@ demo: setup broker
 	$(BIN)/fedledger demo $(DEMO_ARGS)
 
 test: setup broker prometheus
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -m "not provision" $(PYTEST_ARGS)
+
+# The Ansible site converged for real on two Debian hosts (debootstrap + systemd-nspawn in
+# network namespaces, so it needs root); a few minutes, most of it the first rootfs build.
+test-provision: setup provision-tools
+	$(BIN)/python -m pytest -m provision tests/provision $(PYTEST_ARGS)
+
+provision-tools:
+	@if command -v debootstrap >/dev/null 2>&1 && command -v systemd-nspawn >/dev/null 2>&1 \
+	  && command -v ssh >/dev/null 2>&1 && command -v ip >/dev/null 2>&1; then exit 0; fi; \
+	$(MAKE) --no-print-directory _apt PKGS="debootstrap systemd-container openssh-client iproute2" \
+	  WHAT="the tools that boot the provisioning test hosts"
 
 lint: setup
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	cd ansible && ../$(BIN)/ansible-lint
 
 bench: setup broker
 	$(BIN)/fedledger bench aggregate --json

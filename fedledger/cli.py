@@ -195,6 +195,27 @@ def agent_run(
         agent.transport.stop()
 
 
+@agent_app.command("device-class")
+def agent_device_class(
+    path: Annotated[Path, typer.Argument(help="A device class file (firmware_configs/*.toml).")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print the class as JSON.")] = False,
+) -> None:
+    """Validate a device class file and print its budgets (provisioning reads the memory and
+    CPU limits of the agent's systemd unit from here)."""
+    from fedcore import load_device_class
+
+    device_class = load_device_class(path)
+    if as_json:
+        sys.stdout.write(json.dumps(device_class.model_dump(mode="json"), sort_keys=True) + "\n")
+        return
+    console.print(
+        f"{device_class.name}: {device_class.memory_budget_mb} MiB for the agent of"
+        f" {device_class.memory_mb} MiB, {device_class.cpu_cores} core(s), models up to"
+        f" {device_class.max_model_params:,} parameters, codec {device_class.codec}",
+        highlight=False,
+    )
+
+
 @gateway_app.command("run")
 def gateway_run(
     config: Annotated[Path, typer.Option("--config", "-c", help="Gateway config file (TOML).")],
@@ -575,6 +596,26 @@ def pki_issue(
     )
 
 
+@pki_app.command("x25519")
+def pki_x25519(
+    name: Annotated[str, typer.Argument(help="The gateway id whose key this is.")] = "gateway",
+    directory: PkiDir = Path("pki"),
+    as_json: JsonFlag = False,
+) -> None:
+    """Create the gateway's X25519 key pair (x25519/NAME.key 0600, x25519/NAME.pub) that
+    devices seal update payloads to, unless it exists. Prints the public key, never the
+    private one."""
+    from ._pki import x25519_key
+
+    done = x25519_key(directory, name)
+    verb = "created" if done.created else "exists"
+    _report(
+        done.to_dict(),
+        as_json,
+        f"X25519 key {verb}: {done.key} (0600), public {done.public_key}",
+    )
+
+
 @pki_app.command("revoke")
 def pki_revoke(
     name: Annotated[str, typer.Argument(help="The device or gateway id.")],
@@ -607,6 +648,23 @@ def pki_crl(
 
     path = refresh_crl(directory, crl_days=days)
     _report({"crl": str(path), "changed": True}, as_json, f"CRL refreshed: {path}")
+
+
+@pki_app.command("signing-key")
+def pki_signing_key(
+    name: Annotated[str, typer.Argument(help="The device or gateway id.")],
+    directory: PkiDir = Path("pki"),
+    as_json: JsonFlag = False,
+) -> None:
+    """Create NAME's Ed25519 signing key (0600, under DIR/signing/) unless it exists, and
+    print its public key: what a device registry and an agent's gateway_public_key hold."""
+    from ._keys import ensure_signing_key
+
+    done = ensure_signing_key(directory, name)
+    verb = "created" if done.created else "exists"
+    _report(
+        done.to_dict(), as_json, f"{name}: signing key {verb}, {done.key}; public {done.public_key}"
+    )
 
 
 @broker_app.command("config")
@@ -928,6 +986,32 @@ def bench_robustness(
         run(datasets=datasets, rounds=rounds, devices=devices, repeats=repeats, seed=seed),
         as_json,
     )
+
+
+@bench_app.command("async")
+def bench_async(
+    repeats: Annotated[int, typer.Option(min=1, help="Seeds averaged (seed, seed + 1...).")] = 5,
+    devices: Annotated[int, typer.Option(min=2, help="Simulated devices.")] = 20,
+    buffer: Annotated[int, typer.Option(min=1, help="Updates per asynchronous version (K).")] = 5,
+    max_staleness: Annotated[
+        int, typer.Option(min=0, help="Versions an update may lag; more is refused.")
+    ] = 20,
+    seed: Annotated[int, typer.Option(help="First seed.")] = 0,
+    dataset: Annotated[
+        list[str] | None,
+        typer.Option("--dataset", help="digits or breast_cancer; repeat for both (default)."),
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON only.")] = False,
+) -> None:
+    """Virtual time to 95% of centralized accuracy with device speeds spread 10x: buffered
+    asynchronous rounds (FedBuff) against synchronous ones (simulated in process)."""
+    from bench.asynchronous import DATASETS, run
+
+    result = run(
+        datasets=tuple(dataset) if dataset else DATASETS, devices=devices, buffer=buffer,
+        max_staleness=max_staleness, seed=seed, repeats=repeats,
+    )  # fmt: skip
+    _print_bench(result, as_json)
 
 
 @bench_app.command("agent")

@@ -79,7 +79,7 @@ def test_missing_config_names_the_file(tmp_path):
     ("body", "expected"),
     [
         ("[agent]\ndevice = 'd'\n", "agent.key: required key is missing"),
-        ("[agent]\nbogus = 1\n", "agent.bogus: unknown key (allowed: data, device,"),
+        ("[agent]\nbogus = 1\n", "agent.bogus: unknown key (allowed: certificate, data, device,"),
         ("[broker]\nport = 'x'\n", "broker.port: Input should be a valid integer"),
         ("[broker\n", "not valid TOML"),
     ],
@@ -119,7 +119,7 @@ def test_bad_task_value_names_the_task_file(tmp_path):
     )
     done = run("agent", "run", "--config", str(tmp_path / "a.toml"))
     assert done.returncode == 2
-    assert "task.toml: model.kind: Input should be 'logreg' or 'mlp'" in done.stderr
+    assert "task.toml: model.kind: Input should be 'logreg', 'mlp' or 'cnn1d'" in done.stderr
 
 
 def test_verify_of_a_missing_ledger_is_a_clear_error(tmp_path):
