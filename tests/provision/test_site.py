@@ -93,10 +93,15 @@ class Site:
         return done.stdout.strip()
 
 
-def _write_inventory(workdir: Path, gw: hosts.Host, edge: hosts.Host, key: Path) -> Path:
+#: The edge devices and their boards (different classes: different unit limits).
+EDGES = {"edge-1": "raspberry-pi-4", "edge-2": "raspberry-pi-zero-2w"}
+
+
+def _write_inventory(workdir: Path, gw: hosts.Host, edges: list[hosts.Host], key: Path) -> Path:
     data = load_dataset(seed=0)
-    part = dirichlet_partition(data.y_train, 2, alpha=100.0, seed=0)[0]
-    np.savez(workdir / "edge-data.npz", x=data.x_train[part], y=data.y_train[part])
+    parts = dirichlet_partition(data.y_train, len(edges), alpha=100.0, seed=0)
+    for edge, part in zip(edges, parts, strict=True):
+        np.savez(workdir / f"{edge.name}.npz", x=data.x_train[part], y=data.y_train[part])
     np.savez(workdir / "holdout.npz", x=data.x_test, y=data.y_test)
     task = {
         "id": "ward-test",
@@ -146,9 +151,10 @@ def _write_inventory(workdir: Path, gw: hosts.Host, edge: hosts.Host, key: Path)
                     "hosts": {
                         edge.name: {
                             "ansible_host": edge.ip,
-                            "edge_agent_device_class": "raspberry-pi-4",
-                            "edge_agent_data_file": str(workdir / "edge-data.npz"),
+                            "edge_agent_device_class": EDGES[edge.name],
+                            "edge_agent_data_file": str(workdir / f"{edge.name}.npz"),
                         }
+                        for edge in edges
                     }
                 },
             },
@@ -174,10 +180,13 @@ def site(tmp_path_factory):
     public = (workdir / "id_ed25519.pub").read_text()
     with hosts.Network(tag=str(os.getpid() % 10000)) as network:
         gw = hosts.boot_host(network, "gw-1", 0, workdir, public, tarball)
-        edge = hosts.boot_host(network, "edge-1", 1, workdir, public, tarball)
-        _write_inventory(workdir, gw, edge, key)
+        edges = [
+            hosts.boot_host(network, name, i, workdir, public, tarball)
+            for i, name in enumerate(EDGES, start=1)
+        ]
+        _write_inventory(workdir, gw, edges, key)
         site = Site(workdir, network, key)
-        site.gw, site.edge = gw, edge
+        site.gw, site.edge, site.edge2 = gw, edges[0], edges[1]
         site.first = site.playbook("site.yml")
         yield site
 
@@ -209,7 +218,7 @@ def _metric(text: str, name: str) -> float:
 def test_site_converges(site):
     assert site.first.returncode == 0, site.first.stdout[-4000:] + site.first.stderr[-2000:]
     recap = _recap(site.first.stdout)
-    assert set(recap) == {"gw-1", "edge-1"}
+    assert set(recap) == {"gw-1", "edge-1", "edge-2"}
     assert all(counts["failed"] == 0 and counts["unreachable"] == 0 for counts in recap.values())
 
 
@@ -219,6 +228,7 @@ def test_services_run_under_their_users(site):
         (site.gw, "fedledger-gateway", "fedledger-gateway"),
         (site.gw, "prometheus", "prometheus"),
         (site.edge, "fedledger-agent", "fedledger-agent"),
+        (site.edge2, "fedledger-agent", "fedledger-agent"),
     ]:
         assert site.ssh(host, f"systemctl is-active {unit}") == "active", unit
         assert site.ssh(host, f"systemctl is-enabled {unit}") == "enabled", unit
@@ -233,7 +243,11 @@ def test_keys_and_files_have_the_right_owners_and_modes(site):
     assert stat(site.edge, "/etc/fedledger-agent/pki/device.key") == (
         "600 fedledger-agent fedledger-agent"
     )
-    assert stat(site.edge, "/etc/fedledger-agent/pki/signing.pem").startswith("600 fedledger-agent")
+    # The agent signs with its certificate's key; it holds no other private key.
+    assert (
+        site.ssh(site.edge, "ls /etc/fedledger-agent/pki")
+        == "ca.pem\ncrl.pem\ndevice.key\ndevice.pem"
+    )
     assert stat(site.edge, "/etc/fedledger-agent/agent.toml") == "640 root fedledger-agent"
     assert stat(site.edge, "/var/lib/fedledger-agent") == "750 fedledger-agent fedledger-agent"
     assert stat(site.gw, "/etc/fedledger-gateway/pki/gateway.key").startswith(
@@ -242,7 +256,14 @@ def test_keys_and_files_have_the_right_owners_and_modes(site):
     assert stat(site.gw, "/etc/fedledger-gateway/pki/signing.pem").startswith(
         "600 fedledger-gateway"
     )
+    assert stat(site.gw, "/etc/fedledger-gateway/pki/sealing.key").startswith(
+        "600 fedledger-gateway"
+    )
     assert stat(site.gw, "/etc/mosquitto/fedledger/broker.key").startswith("600 mosquitto")
+    # The registry admits the device by its certificate, not by a raw key.
+    registry = json.loads(site.ssh(site.gw, "cat /etc/fedledger-gateway/registry.json"))
+    assert list(registry["devices"]) == ["edge-1", "edge-2"]
+    assert set(registry["devices"]["edge-1"]) == {"certificate_sha256"}
     # The CA key never leaves the control node.
     for host in (site.gw, site.edge):
         found = site.ssh(host, "find / -xdev -name ca.key 2>/dev/null | wc -l")
@@ -257,6 +278,8 @@ def test_agent_unit_has_the_device_class_limits(site):
     # raspberry-pi-4: 256 MiB for the agent, 4 cores.
     assert "MemoryMax=268435456" in show
     assert "CPUQuotaPerSecUSec=4s" in show
+    show = site.ssh(site.edge2, "systemctl show -p MemoryMax fedledger-agent")
+    assert "MemoryMax=104857600" in show  # raspberry-pi-zero-2w: 100 MiB
     hardening = site.ssh(
         site.gw, "systemctl show -p ProtectSystem -p NoNewPrivileges fedledger-gateway"
     )
@@ -272,6 +295,11 @@ def test_agent_updates_reach_the_gateway_over_mutual_tls(site):
     )
     assert accepted >= 1
     assert _metric(_get(url), "fedledger_gateway_rounds_closed_total") >= 1
+    # The gateway requires sealed, certificate-signed updates: accepted ones were both.
+    assert "require_encryption = true" in site.ssh(
+        site.gw, "cat /etc/fedledger-gateway/gateway.toml"
+    )
+    assert _metric(_get(url), "fedledger_gateway_updates_rejected_total") == 0
     journal = site.ssh(site.gw, "journalctl -u mosquitto --no-pager -o cat")
     assert re.search(rf"New client connected from {re.escape(site.edge.ip)}:\d+ as edge-1", journal)
     # Without a client certificate the broker refuses the handshake.
@@ -303,6 +331,8 @@ def test_broker_acl_matches_the_generator(site):
             str(site.workdir / "pki"),
             "--device",
             "edge-1",
+            "--device",
+            "edge-2",
             "--gateway",
             "gw-1",
             "--broker-name",
@@ -349,15 +379,70 @@ def test_second_run_changes_nothing_and_check_finds_no_drift(site):
     again = site.playbook("site.yml")
     assert again.returncode == 0, again.stdout[-4000:]
     recap = _recap(again.stdout)
-    assert {h: c["changed"] for h, c in recap.items()} == {"gw-1": 0, "edge-1": 0}, again.stdout[
-        -6000:
-    ]
+    assert {h: c["changed"] for h, c in recap.items()} == {"gw-1": 0, "edge-1": 0, "edge-2": 0}, (
+        again.stdout[-6000:]
+    )
     check = site.playbook("site.yml", "--check", "--diff")
     assert check.returncode == 0, check.stdout[-4000:]
     recap = _recap(check.stdout)
-    assert {h: c["changed"] for h, c in recap.items()} == {"gw-1": 0, "edge-1": 0}, check.stdout[
-        -6000:
-    ]
+    assert {h: c["changed"] for h, c in recap.items()} == {"gw-1": 0, "edge-1": 0, "edge-2": 0}, (
+        check.stdout[-6000:]
+    )
     # The services kept running through both runs.
     assert site.ssh(site.gw, "systemctl is-active fedledger-gateway") == "active"
     assert site.ssh(site.edge, "systemctl is-active fedledger-agent") == "active"
+    assert site.ssh(site.edge2, "systemctl is-active fedledger-agent") == "active"
+
+
+def _mqtt_connect(site, cert: Path, key: Path) -> bytes:
+    """TLS with a client certificate, then an MQTT 3.1.1 CONNECT; returns the broker's
+    first bytes (a CONNACK), or raises if the broker refuses the certificate."""
+    context = ssl.create_default_context(cafile=str(site.workdir / "pki" / "ca.pem"))
+    context.check_hostname = False
+    context.load_cert_chain(cert, key)
+    client_id = b"probe"
+    body = b"\x00\x04MQTT\x04\x02\x00\x3c" + len(client_id).to_bytes(2, "big") + client_id
+    with (
+        socket.create_connection((site.gw.ip, 8883), timeout=5) as raw,
+        context.wrap_socket(raw) as tls,
+    ):
+        tls.sendall(b"\x10" + bytes([len(body)]) + body)
+        answer = tls.recv(4)
+        if not answer:
+            raise ConnectionResetError("closed by the broker")
+        return answer
+
+
+def test_revoked_device_is_shut_out(site):
+    """Last: revoking edge-1 in the inventory stops its agent, drops it from the ACL and the
+    registry, and the broker refuses its certificate; edge-2 goes on contributing."""
+    pki = site.workdir / "pki"
+    cli = str(BIN / "fedledger")
+    probe = json.loads(
+        subprocess.run(
+            [cli, "pki", "issue", "device", "probe-1", "--dir", str(pki), "--json"],
+            check=True,
+            capture_output=True,
+            text=True,
+        ).stdout
+    )
+    # A valid certificate of the CA is let in (the ACL still grants it no topic).
+    assert _mqtt_connect(site, Path(probe["cert"]), Path(probe["key"]))[:1] == b"\x20"
+
+    done = site.playbook("site.yml", "-e", json.dumps({"fedledger_revoked_devices": ["edge-1"]}))
+    assert done.returncode == 0, done.stdout[-4000:]
+    assert site.ssh(site.edge, "systemctl is-active fedledger-agent || true") == "inactive"
+    assert site.ssh(site.edge, "systemctl is-enabled fedledger-agent || true") == "disabled"
+    assert "edge-1" not in site.ssh(site.gw, "cat /etc/mosquitto/fedledger.acl")
+    registry = json.loads(site.ssh(site.gw, "cat /etc/fedledger-gateway/registry.json"))
+    assert list(registry["devices"]) == ["edge-2"]
+    with pytest.raises((ssl.SSLError, ConnectionResetError, BrokenPipeError)):
+        _mqtt_connect(site, pki / "devices" / "edge-1.pem", pki / "devices" / "edge-1.key")
+    assert _mqtt_connect(site, Path(probe["cert"]), Path(probe["key"]))[:1] == b"\x20"
+    url = f"http://{site.gw.ip}:9464/metrics"
+    before = _metric(_get(url), "fedledger_gateway_updates_accepted_total")
+    _wait(
+        lambda: _metric(_get(url), "fedledger_gateway_updates_accepted_total") > before,
+        120,
+        "edge-2's updates still accepted after edge-1's revocation",
+    )
