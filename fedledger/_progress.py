@@ -116,3 +116,29 @@ class RoundTable:
         )
         for line in lines:
             self.console.print(line, highlight=False, soft_wrap=True)
+
+
+class BlockProgress:
+    """A progress bar of blocks verified, on a terminal only (so ``--json`` output stays clean)."""
+
+    def __init__(self, console: Console):
+        self._progress = Progress(
+            TextColumn("[bold]blocks"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            console=console,
+            transient=True,
+            disable=not console.is_terminal,
+        )
+        self._task = self._progress.add_task("verify", total=None)
+
+    def __enter__(self) -> BlockProgress:
+        self._progress.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._progress.stop()
+
+    def update(self, done: int, total: int) -> None:
+        self._progress.update(self._task, completed=done, total=total)

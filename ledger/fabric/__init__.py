@@ -4,7 +4,9 @@ Layered like the official fabric-gateway clients: an :class:`Identity` (MSP id a
 certificate) and a :data:`Signer` (``digest -> signature``) make signed proposals;
 :class:`FabricClient` runs the stages propose, endorse, submit and commit status (one
 error type each, carrying the transaction id), evaluates queries and streams chaincode
-events; :func:`connect` builds a client from a connection profile (TOML).
+events and reads blocks (Deliver); :func:`connect` builds a client from a connection
+profile (TOML); :func:`verify_chain` checks a channel's blocks and replays the fedledger
+contract's transactions on them.
 
 Needs the ``fabric`` extra (``grpcio``, ``hyperledger-fabric-protos``).
 """
@@ -12,10 +14,12 @@ Needs the ``fabric`` extra (``grpcio``, ``hyperledger-fabric-protos``).
 from ._backend import FabricLedger
 from ._client import FabricClient
 from ._commit import CommitStatus
+from ._deliver import BlockStream
 from ._errors import (
     ChaincodeEventsError,
     CommitError,
     CommitStatusError,
+    DeliverError,
     EndorseError,
     ErrorDetail,
     EvaluateError,
@@ -43,10 +47,12 @@ from ._profile import (
 )
 from ._proposal import Proposal
 from ._transaction import Transaction
+from ._verify import FabricVerifyReport, block_header_hash, verify_blocks, verify_chain
 
 __all__ = [
     "CHANNEL_OPTIONS",
     "MAX_MESSAGE_BYTES",
+    "BlockStream",
     "ChaincodeEvent",
     "ChaincodeEventStream",
     "ChaincodeEventsError",
@@ -54,18 +60,21 @@ __all__ = [
     "CommitStatus",
     "CommitStatusError",
     "ConnectionProfile",
+    "DeliverError",
     "EndorseError",
     "ErrorDetail",
     "EvaluateError",
     "FabricClient",
     "FabricError",
     "FabricLedger",
+    "FabricVerifyReport",
     "Hash",
     "Identity",
     "Proposal",
     "Signer",
     "SubmitError",
     "Transaction",
+    "block_header_hash",
     "connect",
     "ecdsa_signer",
     "load_identity",
@@ -74,4 +83,6 @@ __all__ = [
     "load_signer",
     "open_channel",
     "sha256",
+    "verify_blocks",
+    "verify_chain",
 ]

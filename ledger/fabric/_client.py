@@ -24,12 +24,15 @@ from typing import Any
 
 import grpc
 from fabric_protos.gateway import gateway_pb2_grpc
+from fabric_protos.peer import events_pb2_grpc
 
 from fedcore import canonical_json
 
 from ._commit import CommitStatus, commit_status, commit_status_request
+from ._deliver import DEFAULT_DELIVER_TIMEOUT, BlockStream, seek_envelope
 from ._errors import (
     CommitStatusError,
+    DeliverError,
     EndorseError,
     EvaluateError,
     SubmitError,
@@ -82,6 +85,7 @@ class FabricClient:
         endorse_timeout: float = DEFAULT_ENDORSE_TIMEOUT,
         submit_timeout: float = DEFAULT_SUBMIT_TIMEOUT,
         commit_status_timeout: float = DEFAULT_COMMIT_STATUS_TIMEOUT,
+        deliver_timeout: float = DEFAULT_DELIVER_TIMEOUT,
     ):
         if not isinstance(identity, Identity):
             raise TypeError("identity must be a ledger.fabric.Identity")
@@ -92,6 +96,7 @@ class FabricClient:
                 raise ValueError(f"{name} must be a non-empty string")
         self._channel = channel
         self._stub = gateway_pb2_grpc.GatewayStub(channel)
+        self._deliver = events_pb2_grpc.DeliverStub(channel)
         self._identity = identity
         self._signer = signer
         self._hash = hash
@@ -102,6 +107,7 @@ class FabricClient:
             "endorse": endorse_timeout,
             "submit": submit_timeout,
             "commit_status": commit_status_timeout,
+            "deliver": deliver_timeout,
         }
         self._owns_channel = False
 
@@ -268,6 +274,31 @@ class FabricClient:
         )
         # A streaming call fails on iteration, not here: the stream raises the error.
         return ChaincodeEventStream(self._stub.ChaincodeEvents(request, timeout=timeout))
+
+    # ------------------------------------------------------------------ blocks
+
+    def blocks(
+        self, start: int | None = 0, stop: int | None = None, *, timeout: float | None = None
+    ) -> BlockStream:
+        """Committed blocks ``start`` to ``stop`` (None: the newest) from the peer's Deliver
+        service; ``timeout`` bounds the whole stream."""
+        envelope = seek_envelope(
+            self._identity,
+            self._signer,
+            channel_name=self._channel_name,
+            start=start,
+            stop=stop,
+            hash=self._hash,
+        )
+        call = self._deliver.Deliver(iter([envelope]), timeout=self._timeout("deliver", timeout))
+        return BlockStream(call, start=start)
+
+    def height(self, *, timeout: float | None = None) -> int:
+        """The number of blocks on the channel (the newest block's number + 1)."""
+        with self.blocks(None, None, timeout=timeout) as stream:
+            for block in stream:
+                return block.header.number + 1
+        raise DeliverError("the peer sent no newest block")
 
     # ------------------------------------------------------------------ lifetime
 

@@ -9,7 +9,8 @@ The tree::
         ├── SubmitError          Submit: the ordering service did not accept the transaction
         ├── CommitStatusError    CommitStatus: the commit status could not be obtained
         ├── CommitError          committed, but marked invalid (validation_code, block_number)
-        └── ChaincodeEventsError the chaincode event stream failed
+        ├── ChaincodeEventsError the chaincode event stream failed
+        └── DeliverError         Deliver: blocks could not be read (status, block_number)
 
 Everything but :class:`CommitError` wraps a gRPC error: ``code`` is its
 :class:`grpc.StatusCode`, ``status_message`` its message and ``details`` the per-endorser
@@ -118,6 +119,32 @@ class CommitError(FabricError):
             f"committed as invalid in block {block_number}: {validation_code}",
             transaction_id=transaction_id,
         )
+
+
+class DeliverError(FabricError):
+    """The peer's Deliver service refused the block request or the stream broke off.
+
+    ``status`` is the ``common.Status`` name when the peer answered with one (``FORBIDDEN``:
+    the identity may not read the channel, ``NOT_FOUND``: no such channel or block) and
+    ``block_number`` the block the stream was waiting for, if known.
+    """
+
+    stage = "deliver"
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        status: str | None = None,
+        block_number: int | None = None,
+        code: grpc.StatusCode | None = None,
+        details: Iterable[ErrorDetail] = (),
+    ):
+        self.status = status
+        self.block_number = block_number
+        if block_number is not None:
+            message = f"at block {block_number}: {message}"
+        super().__init__(message, code=code, details=details)
 
 
 E = TypeVar("E", bound=FabricError)

@@ -24,6 +24,7 @@ A profile is a TOML file; relative paths resolve from the file's folder::
     endorse = 15.0
     submit = 5.0
     commit_status = 60.0
+    deliver = 300.0                             # reading blocks (ledger verify)
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ from fedcore import ConfigError, StrictModel, load_config, resolve_path
 
 from ._client import (
     DEFAULT_COMMIT_STATUS_TIMEOUT,
+    DEFAULT_DELIVER_TIMEOUT,
     DEFAULT_ENDORSE_TIMEOUT,
     DEFAULT_EVALUATE_TIMEOUT,
     DEFAULT_SUBMIT_TIMEOUT,
@@ -122,6 +124,7 @@ class TimeoutsSection(StrictModel):
     endorse: Timeout = DEFAULT_ENDORSE_TIMEOUT
     submit: Timeout = DEFAULT_SUBMIT_TIMEOUT
     commit_status: Timeout = DEFAULT_COMMIT_STATUS_TIMEOUT
+    deliver: Timeout = DEFAULT_DELIVER_TIMEOUT
 
 
 class ConnectionProfile(StrictModel):
@@ -180,6 +183,7 @@ def connect(profile: ConnectionProfile | str | os.PathLike[str]) -> FabricClient
         endorse_timeout=profile.timeouts.endorse,
         submit_timeout=profile.timeouts.submit,
         commit_status_timeout=profile.timeouts.commit_status,
+        deliver_timeout=profile.timeouts.deliver,
     )
     client._owns_channel = True
     return client

@@ -23,7 +23,16 @@ peer, refuses what is not properly formed and signed:
   validation finds MVCC conflicts through :meth:`MemoryWorldState.commit` (or the code the
   test forces);
 - CommitStatus and ChaincodeEvents requests must be signed by a trusted identity;
-  CommitStatus waits for the commit; events are streamed per block, valid transactions only.
+  CommitStatus waits for the commit; events are streamed per block, valid transactions only;
+- blocks are real ``common.Block`` messages, one transaction each, after a genesis block
+  holding a config envelope: the header's ``data_hash`` is SHA-256 of the envelopes and
+  ``previous_hash`` the SHA-256 of the previous header's ASN.1 DER encoding (both computed
+  here, independently of the verifier's code), the metadata has Fabric's five entries with
+  the ``TRANSACTIONS_FILTER`` validation codes, the data is the envelope the client
+  submitted, and read versions are Fabric's (block, transaction) of the key's last write;
+- Deliver (``protos.Deliver``) serves them to a trusted signed ``DELIVER_SEEK_INFO``
+  envelope (``FORBIDDEN`` otherwise, ``NOT_FOUND`` past the end with ``FAIL_IF_NOT_READY``),
+  one ``DeliverResponse`` per block, then ``SUCCESS``.
 
 Refusals come back as a real gateway sends them: gRPC ``ABORTED`` with one
 ``gateway.ErrorDetail`` per endorser (or orderer) in the ``grpc-status-details-bin``
@@ -39,7 +48,7 @@ import json
 import queue
 import threading
 from collections import namedtuple
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent import futures
 from dataclasses import dataclass, field
 from typing import Any
@@ -51,14 +60,17 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
 from cryptography.x509.oid import NameOID
-from fabric_protos.common import common_pb2
+from fabric_protos.common import common_pb2, configtx_pb2
 from fabric_protos.gateway import gateway_pb2, gateway_pb2_grpc
 from fabric_protos.ledger.rwset import rwset_pb2
 from fabric_protos.ledger.rwset.kvrwset import kv_rwset_pb2
 from fabric_protos.msp import identities_pb2
+from fabric_protos.orderer import ab_pb2
 from fabric_protos.peer import (
     chaincode_event_pb2,
     chaincode_pb2,
+    events_pb2,
+    events_pb2_grpc,
     proposal_pb2,
     proposal_response_pb2,
     transaction_pb2,
@@ -157,9 +169,67 @@ class Endorsed:
 class Block:
     number: int
     txs: list[tuple[str, int, tuple[str, bytes] | None]] = field(default_factory=list)
+    #: The ``common.Block`` Deliver serves.
+    proto: common_pb2.Block | None = None
 
 
-class FakePeer(gateway_pb2_grpc.GatewayServicer):
+def header_hash(header: common_pb2.BlockHeader) -> bytes:
+    """SHA-256 of the DER ``SEQUENCE {INTEGER, OCTET STRING, OCTET STRING}`` of a header."""
+
+    def tlv(tag: int, body: bytes) -> bytes:
+        n = len(body)
+        if n < 128:
+            size = bytes([n])
+        elif n < 256:
+            size = bytes([0x81, n])
+        else:
+            size = bytes([0x82]) + n.to_bytes(2, "big")
+        return bytes([tag]) + size + body
+
+    number = header.number.to_bytes(9, "big", signed=True).lstrip(b"\x00")
+    if not number or number[0] & 0x80:
+        number = b"\x00" + number
+    body = tlv(2, number) + tlv(4, header.previous_hash) + tlv(4, header.data_hash)
+    return hashlib.sha256(tlv(0x30, body)).digest()
+
+
+def make_block(
+    number: int, previous: common_pb2.Block | None, envelopes: list[bytes], codes: list[int]
+) -> common_pb2.Block:
+    """A block as a Fabric 2.x orderer and committer leave it."""
+    last_config = common_pb2.Metadata(
+        value=common_pb2.LastConfig(index=0).SerializeToString()
+    ).SerializeToString()
+    metadata = [b""] * len(common_pb2.BlockMetadataIndex.keys())
+    metadata[common_pb2.BlockMetadataIndex.Value("SIGNATURES")] = last_config
+    metadata[common_pb2.BlockMetadataIndex.Value("LAST_CONFIG")] = last_config
+    metadata[common_pb2.BlockMetadataIndex.Value("TRANSACTIONS_FILTER")] = bytes(codes)
+    return common_pb2.Block(
+        header=common_pb2.BlockHeader(
+            number=number,
+            previous_hash=b"" if previous is None else header_hash(previous.header),
+            data_hash=hashlib.sha256(b"".join(envelopes)).digest(),
+        ),
+        data=common_pb2.BlockData(data=envelopes),
+        metadata=common_pb2.BlockMetadata(metadata=metadata),
+    )
+
+
+def genesis_block(channel: str) -> common_pb2.Block:
+    header = common_pb2.ChannelHeader(
+        type=common_pb2.HeaderType.CONFIG, channel_id=channel, epoch=0
+    )
+    header.timestamp.GetCurrentTime()
+    envelope = common_pb2.Envelope(
+        payload=common_pb2.Payload(
+            header=common_pb2.Header(channel_header=header.SerializeToString()),
+            data=configtx_pb2.ConfigEnvelope(config=configtx_pb2.Config()).SerializeToString(),
+        ).SerializeToString()
+    )
+    return make_block(0, None, [envelope.SerializeToString()], [VALID])
+
+
+class FakePeer(gateway_pb2_grpc.GatewayServicer, events_pb2_grpc.DeliverServicer):
     """One peer of ``msp_id`` serving ``chaincode`` on ``channel``; see the module docstring."""
 
     def __init__(
@@ -183,7 +253,9 @@ class FakePeer(gateway_pb2_grpc.GatewayServicer):
         self._cond = threading.Condition()
         self._endorsed: dict[str, Endorsed] = {}
         self._status: dict[str, tuple[int, int]] = {}
-        self._blocks: list[Block] = [Block(0)]  # the genesis block
+        self._blocks: list[Block] = [Block(0, proto=genesis_block(channel))]
+        #: Fabric's version of each commit of ``world``: (block number, transaction index).
+        self._versions: dict[int, tuple[int, int]] = {}
         self._orderer: queue.Queue[tuple[str, Endorsed] | None] = queue.Queue()
         self._thread = threading.Thread(target=self._order, name="fake-orderer", daemon=True)
         self._thread.start()
@@ -391,7 +463,7 @@ class FakePeer(gateway_pb2_grpc.GatewayServicer):
         for key, version in sorted(ctx.read_set.items()):
             read = kv.reads.add(key=key)
             if version is not None:
-                read.version.block_num = version
+                read.version.block_num, read.version.tx_num = self._versions[version]
         for key, value in sorted(ctx.write_set.items()):
             kv.writes.add(key=key, value=value)
         results = rwset_pb2.TxReadWriteSet(
@@ -485,7 +557,7 @@ class FakePeer(gateway_pb2_grpc.GatewayServicer):
                 context, "BAD_REQUEST, info=payload differs from the endorsed transaction"
             )
         self.submitted.append(request.transaction_id)
-        self._orderer.put((request.transaction_id, endorsed))
+        self._orderer.put((request.transaction_id, endorsed, envelope.SerializeToString()))
         return gateway_pb2.SubmitResponse()
 
     def _abort_orderer(self, context, status: str) -> None:
@@ -561,9 +633,10 @@ class FakePeer(gateway_pb2_grpc.GatewayServicer):
 
     def _order(self) -> None:
         while (item := self._orderer.get()) is not None:
-            tx_id, endorsed = item
+            tx_id, endorsed, envelope = item
             with self._cond:
                 block = Block(len(self._blocks))
+                self._versions[self.world.height + 1] = (block.number, 0)
                 if tx_id in self._status:
                     code = transaction_pb2.TxValidationCode.Value("DUPLICATE_TXID")
                 elif self.forced_codes:
@@ -575,9 +648,79 @@ class FakePeer(gateway_pb2_grpc.GatewayServicer):
                     except MVCCConflictError as exc:
                         code = transaction_pb2.TxValidationCode.Value(exc.code)
                 block.txs.append((tx_id, code, endorsed.ctx.event if code == VALID else None))
+                block.proto = make_block(block.number, self._blocks[-1].proto, [envelope], [code])
                 self._blocks.append(block)
                 self._status.setdefault(tx_id, (code, block.number))
                 self._cond.notify_all()
+
+    # ------------------------------------------------------------------ Deliver service
+
+    def blocks(self) -> list[common_pb2.Block]:
+        """Copies of the blocks Deliver serves."""
+        with self._cond:
+            return [_copy(b.proto) for b in self._blocks]
+
+    def replace_block(self, number: int, block: common_pb2.Block) -> None:
+        """Serve ``block`` as block ``number`` from now on (a test tampering with the chain)."""
+        with self._cond:
+            self._blocks[number].proto = _copy(block)
+
+    def Deliver(self, request_iterator, context):
+        for envelope in request_iterator:
+            status = yield from self._seek(envelope, context)
+            yield events_pb2.DeliverResponse(status=status)
+            if status != common_pb2.Status.SUCCESS:
+                return
+
+    def _seek(self, envelope: common_pb2.Envelope, context) -> Iterator[Any]:
+        """Yield the blocks an envelope asks for; return the status that ends them."""
+        try:
+            payload = common_pb2.Payload.FromString(envelope.payload)
+            header = common_pb2.ChannelHeader.FromString(payload.header.channel_header)
+            signature_header = common_pb2.SignatureHeader.FromString(
+                payload.header.signature_header
+            )
+            seek = ab_pb2.SeekInfo.FromString(payload.data)
+        except DecodeError:
+            return common_pb2.Status.BAD_REQUEST
+        if header.type != common_pb2.HeaderType.DELIVER_SEEK_INFO:
+            return common_pb2.Status.BAD_REQUEST
+        if header.channel_id != self.channel:
+            return common_pb2.Status.NOT_FOUND
+        try:
+            cert, _ = self._identity(signature_header.creator, header.channel_id)
+        except Refused:
+            return common_pb2.Status.FORBIDDEN
+        if not verify_signature(cert, envelope.signature, envelope.payload):
+            return common_pb2.Status.FORBIDDEN
+        with self._cond:
+            newest = len(self._blocks) - 1
+        positions = []
+        for position in (seek.start, seek.stop):
+            kind = position.WhichOneof("Type")
+            positions.append(
+                0 if kind == "oldest" else newest if kind == "newest" else position.specified.number
+            )
+        start, stop = positions
+        if start > stop:
+            return common_pb2.Status.BAD_REQUEST
+        if stop > newest and seek.behavior == ab_pb2.SeekInfo.SeekBehavior.FAIL_IF_NOT_READY:
+            return common_pb2.Status.NOT_FOUND
+        for number in range(start, stop + 1):
+            with self._cond:
+                while number >= len(self._blocks) and context.is_active():
+                    self._cond.wait(timeout=0.05)
+                if not context.is_active():
+                    return common_pb2.Status.SERVICE_UNAVAILABLE
+                block = self._blocks[number].proto
+            yield events_pb2.DeliverResponse(block=block)
+        return common_pb2.Status.SUCCESS
+
+
+def _copy(block: common_pb2.Block) -> common_pb2.Block:
+    out = common_pb2.Block()
+    out.CopyFrom(block)
+    return out
 
 
 def _error_response(message: str) -> proposal_response_pb2.Response:
@@ -603,6 +746,7 @@ class PeerServer:
         self.executor = futures.ThreadPoolExecutor(max_workers=16, thread_name_prefix="fake-peer")
         self.server = grpc.server(self.executor, options=SERVER_OPTIONS)
         gateway_pb2_grpc.add_GatewayServicer_to_server(peer, self.server)
+        events_pb2_grpc.add_DeliverServicer_to_server(peer, self.server)
         self.port = self.server.add_insecure_port("127.0.0.1:0")
         self.tls_port = self.mtls_port = None
         if tls is not None:

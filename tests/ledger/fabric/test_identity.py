@@ -165,10 +165,11 @@ def test_the_public_surface():
     submodules = {n for n in public if type(getattr(ledger.fabric, n)).__name__ == "module"}
     assert set(names) == public - submodules
     assert set(names) == {
-        "CHANNEL_OPTIONS", "MAX_MESSAGE_BYTES", "ChaincodeEvent", "ChaincodeEventStream",
+        "CHANNEL_OPTIONS", "MAX_MESSAGE_BYTES", "BlockStream", "ChaincodeEvent", "ChaincodeEventStream",
         "ChaincodeEventsError", "CommitError", "CommitStatus", "CommitStatusError",
-        "ConnectionProfile", "EndorseError", "ErrorDetail", "EvaluateError", "FabricClient",
-        "FabricError", "FabricLedger", "Hash", "Identity", "Proposal", "Signer", "SubmitError", "Transaction",
-        "connect", "ecdsa_signer", "load_identity", "load_private_key", "load_profile",
-        "load_signer", "open_channel", "sha256",
+        "ConnectionProfile", "DeliverError", "EndorseError", "ErrorDetail", "EvaluateError", "FabricClient",
+        "FabricError", "FabricLedger", "FabricVerifyReport", "Hash", "Identity", "Proposal", "Signer",
+        "SubmitError", "Transaction", "block_header_hash", "connect", "ecdsa_signer", "load_identity",
+        "load_private_key", "load_profile", "load_signer", "open_channel", "sha256", "verify_blocks",
+        "verify_chain",
     }  # fmt: skip
