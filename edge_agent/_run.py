@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
-from prometheus_client import CollectorRegistry
 
 from fedcore import (
     ConfigError,
@@ -30,7 +31,9 @@ from fedcore import (
 
 from ._agent import EdgeAgent
 from ._config import AgentConfig, AgentSection
-from ._metrics import AgentMetrics
+
+if TYPE_CHECKING:
+    from ._metrics import AgentMetrics
 
 
 def open_agent(
@@ -72,7 +75,14 @@ def open_agent(
                 online=Message(presence, b"online", retain=True),
             )
         )
-    metrics = None if a.metrics_port is None else AgentMetrics(registry=CollectorRegistry())
+    metrics: AgentMetrics | None = None
+    if a.metrics_port is not None:
+        # Only now: prometheus_client stays out of an agent that serves no metrics.
+        from prometheus_client import CollectorRegistry
+
+        from ._metrics import AgentMetrics
+
+        metrics = AgentMetrics(registry=CollectorRegistry())
     device_class = None if a.device_class is None else load_device_class(a.device_class)
     agent = EdgeAgent(
         device=a.device,

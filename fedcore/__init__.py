@@ -3,6 +3,8 @@
 Both sides import this package; it imports neither of them.
 """
 
+import typing
+
 from ._canonical import canonical_json, sha256_hex
 from ._certs import (
     ALG_ECDSA_P256,
@@ -50,7 +52,6 @@ from ._errors import (
     WireError,
 )
 from ._export import EXPORT_FORMATS, dequantized_params, export_model, export_onnx, export_tflite
-from ._metrics_http import MetricsEndpoint
 from ._model import (
     MODEL_KINDS,
     ModelSpec,
@@ -113,6 +114,28 @@ from ._wire import (
     encode_update,
     open_update_payload,
 )
+
+if typing.TYPE_CHECKING:
+    from ._metrics_http import MetricsEndpoint
+
+# Imported on first use (PEP 562): the metrics endpoint loads prometheus_client and its HTTP
+# server, which an agent without a metrics port never needs.
+_LAZY = {"MetricsEndpoint": "._metrics_http"}
+
+
+def __getattr__(name: str):
+    if name not in _LAZY:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    from importlib import import_module
+
+    value = getattr(import_module(_LAZY[name], __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))
+
 
 __all__ = [
     "ALG_ECDSA_P256",

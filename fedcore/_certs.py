@@ -17,8 +17,8 @@ import os
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from cryptography import x509
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -26,10 +26,14 @@ from cryptography.hazmat.primitives.asymmetric.utils import (
     decode_dss_signature,
     encode_dss_signature,
 )
-from cryptography.x509.oid import NameOID
 
 from ._errors import CertificateError, ConfigError, SignatureError
 from ._signing import Signer
+
+# cryptography.x509 is imported where certificates are parsed: an agent without a
+# certificate then never loads it (about 1.5 MB of a device's memory).
+if TYPE_CHECKING:
+    from cryptography import x509
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +62,8 @@ def load_ec_private_key(path: str | os.PathLike[str]) -> ec.EllipticCurvePrivate
 
 
 def load_certificate(path: str | os.PathLike[str]) -> x509.Certificate:
+    from cryptography import x509
+
     try:
         data = Path(path).read_bytes()
     except OSError as exc:
@@ -124,6 +130,8 @@ class CertificateTrust:
         crl_path: str | os.PathLike[str] | None = None,
         clock: Callable[[], float] = time.time,
     ):
+        from cryptography import x509
+
         try:
             constraints = ca.extensions.get_extension_for_class(x509.BasicConstraints).value
         except x509.ExtensionNotFound:
@@ -156,6 +164,8 @@ class CertificateTrust:
 
     def refresh(self, *, force: bool = False) -> None:
         """Re-read the CRL file if it changed since the last read."""
+        from cryptography import x509
+
         if self.crl_path is None:
             return
         now = time.monotonic()
@@ -184,6 +194,8 @@ class CertificateTrust:
         CA, a bad CA signature, outside its validity, a CA or non-signing certificate, not a
         P-256 key), ``subject_mismatch`` (its CN is not ``device``) or ``certificate_revoked``.
         """
+        from cryptography.x509.oid import NameOID
+
         if len(der) > MAX_CERTIFICATE_BYTES:
             raise CertificateError("bad_certificate", f"certificate is {len(der)} bytes")
         fingerprint = hashlib.sha256(der).hexdigest()
@@ -219,6 +231,9 @@ class CertificateTrust:
 
     def _check_issued(self, der: bytes) -> x509.Certificate:
         """What does not change with time: the CA signature, constraints and key type."""
+        from cryptography import x509
+        from cryptography.x509.oid import NameOID
+
         try:
             cert = x509.load_der_x509_certificate(der)
             # Parsing is lazy: touch every part used below while errors are still caught.

@@ -1,3 +1,3 @@
-from fedledger.cli import main
+from fedledger._entry import main
 
 main()

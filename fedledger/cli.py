@@ -182,17 +182,11 @@ def agent_run(
     Reconnects to the broker by itself; trains on each new global model the gateway
     publishes and sends one signed update per round.
     """
-    from edge_agent import load_agent_config, open_agent
+    # `fedledger agent run` itself usually starts in fedledger._entry, without this module.
+    from ._entry import run_agent
 
     _logging(log_level)
-    cfg = load_agent_config(config)
-    agent = open_agent(cfg, source=str(config))
-    stop = _stop_on_sigterm()
-    agent.start()
-    try:
-        agent.run(stop, exit_on_final=cfg.agent.exit_on_final)
-    finally:
-        agent.transport.stop()
+    run_agent(str(config))
 
 
 @agent_app.command("device-class")
@@ -247,7 +241,22 @@ DbOption = Annotated[Path, typer.Option("--db", help="Embedded ledger file (SQLi
 
 @ledger_app.command("verify")
 def ledger_verify(
-    db: DbOption,
+    db: Annotated[Path | None, typer.Option("--db", help="Embedded ledger file (SQLite).")] = None,
+    fabric_profile: Annotated[
+        Path | None,
+        typer.Option(
+            help="Verify a Fabric channel instead: read its blocks through the peer in this"
+            " connection profile (TOML)."
+        ),
+    ] = None,
+    msp_ca: Annotated[
+        list[str] | None,
+        typer.Option(
+            metavar="MSPID=PEM",
+            help="With --fabric-profile, MSPID=ca.pem (repeatable): every creator and endorser"
+            " certificate must be issued by a root CA of its MSP.",
+        ),
+    ] = None,
     public_key: Annotated[
         str | None,
         typer.Option(
@@ -275,6 +284,15 @@ def ledger_verify(
 
     Exits 1 and names the first bad block when anything is inconsistent.
     """
+    if (db is None) == (fabric_profile is None):
+        raise typer.BadParameter("give --db (embedded ledger) or --fabric-profile (Fabric)")
+    if fabric_profile is not None:
+        if public_key is not None or store is not None:
+            raise typer.BadParameter("--public-key and --store apply to an embedded ledger")
+        _verify_fabric(fabric_profile, msp_ca or [], replay, as_json)
+        return
+    if msp_ca:
+        raise typer.BadParameter("--msp-ca applies to a Fabric chain (--fabric-profile)")
     from gateway import UpdateStore
     from ledger import EmbeddedLedger
 
@@ -306,6 +324,53 @@ def ledger_verify(
         )
     if not report.ok:
         raise typer.Exit(1)
+
+
+def _verify_fabric(profile: Path, msp_ca: list[str], replay: bool, as_json: bool) -> None:
+    from ledger.fabric import connect, verify_chain
+
+    from ._progress import BlockProgress
+
+    roots = _msp_roots(msp_ca) if msp_ca else None
+    with connect(profile) as client, BlockProgress(err) as progress:
+        report = verify_chain(client, replay=replay, msp_roots=roots, progress=progress.update)
+    if as_json:
+        console.print_json(json.dumps(report.to_dict()))
+    elif report.ok:
+        what = "hash chain, signatures, endorsements, read versions"
+        what += (", contract replay" if replay else "") + ", contract invariants"
+        if roots:
+            what += f", certificates of {', '.join(sorted(roots))}"
+        console.print(
+            f"[green]ok[/]: {report.blocks} blocks of {report.channel},"
+            f" {report.transactions} {report.chaincode} transactions ({report.invalid} invalid,"
+            f" not applied) verified ({what})",
+            soft_wrap=True,
+        )
+    else:
+        err.print(
+            f"[red]ledger inconsistent[/] at block {report.first_bad_height}: {report.problem}",
+            soft_wrap=True,
+        )
+    if not report.ok:
+        raise typer.Exit(1)
+
+
+def _msp_roots(specs: list[str]) -> dict:
+    from cryptography import x509
+
+    roots: dict[str, list] = {}
+    for spec in specs:
+        msp_id, sep, path = spec.partition("=")
+        if not sep or not msp_id or not path:
+            raise typer.BadParameter(f"{spec!r} is not MSPID=ca.pem", param_hint="--msp-ca")
+        try:
+            roots.setdefault(msp_id, []).extend(
+                x509.load_pem_x509_certificates(Path(path).read_bytes())
+            )
+        except (OSError, ValueError) as exc:
+            raise typer.BadParameter(f"{path}: {exc}", param_hint="--msp-ca") from None
+    return roots
 
 
 ProfileOption = Annotated[

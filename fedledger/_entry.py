@@ -1,0 +1,86 @@
+"""The ``fedledger`` entry point: ``fedledger agent run`` without the rest of the command line.
+
+A device runs one command for as long as it is up, and pays for every module it loads the
+whole time: typer, click and rich (and ``fedledger.cli`` with all its commands) cost several
+MB of a Pi Zero 2 W's 512. So a well-formed ``agent run`` command line starts the agent here,
+importing only ``edge_agent``; anything else (other commands, ``--help``, a command line
+this parser does not accept) goes to the typer application, so its help and its error
+messages stay the only ones. ``fedledger bench agent`` measures the difference.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import sys
+import threading
+
+_LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+def _parse_agent_run(args: list[str]) -> tuple[str, str] | None:
+    """``(config, log_level)`` of ``agent run [--config|-c PATH] [--log-level LEVEL]``, or
+    ``None`` for anything the typer command should see (and explain) instead."""
+    if args[:2] != ["agent", "run"]:
+        return None
+    options = {"--config": None, "-c": None, "--log-level": None}
+    rest = args[2:]
+    while rest:
+        name, sep, value = rest.pop(0).partition("=")
+        if name not in options or (sep and name == "-c"):
+            return None
+        if not sep:
+            if not rest:
+                return None
+            value = rest.pop(0)
+        options["--config" if name == "-c" else name] = value
+    config, level = options["--config"], options["--log-level"] or "info"
+    if not config or config.startswith("-") or level.lower() not in _LOG_LEVELS:
+        return None
+    return config, level
+
+
+def run_agent(config: str) -> None:
+    """The body of ``fedledger agent run`` (logging already set up)."""
+    from edge_agent import load_agent_config, open_agent
+
+    cfg = load_agent_config(config)
+    agent = open_agent(cfg, source=config)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    agent.start()
+    try:
+        agent.run(stop, exit_on_final=cfg.agent.exit_on_final)
+    finally:
+        agent.transport.stop()
+
+
+def main() -> None:
+    parsed = _parse_agent_run(sys.argv[1:])
+    if parsed is None:
+        from fedledger.cli import main as cli_main
+
+        cli_main()
+        return
+    config, log_level = parsed
+    # Training runs on one BLAS thread anyway (EdgeAgent limits it); without this, OpenBLAS
+    # starts a thread per core, each with its buffers, when NumPy is imported. Only a default.
+    os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+    from fedcore import FedledgerError
+
+    logging.basicConfig(
+        level=getattr(logging, log_level.upper()),
+        handlers=[logging.StreamHandler(sys.stderr)],
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        force=True,
+    )
+    try:
+        run_agent(config)
+    except FedledgerError as exc:
+        # What fedledger.cli.main prints (rich only adds colour, on a terminal).
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
