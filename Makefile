@@ -48,6 +48,7 @@ bench: setup broker
 	$(BIN)/fedledger bench agent --json
 	$(BIN)/fedledger bench accuracy --json
 	$(BIN)/fedledger bench robustness --json
+	$(BIN)/fedledger bench async --json
 
 # The Grafana dashboards are code (monitoring/dashboards.py); the JSON is committed.
 dashboards: setup

@@ -132,7 +132,7 @@ def _write_inventory(workdir: Path, gw: hosts.Host, edges: list[hosts.Host], key
                 "fedledger_task_file": str(workdir / "task.toml"),
                 "fedledger_source": str(REPO),
                 "fedledger_pki_dir": str(workdir / "pki"),
-                "fedledger_wheelhouse_dir": str(hosts.cache_dir() / "wheels"),
+                "fedledger_wheelhouse_dir": str(workdir / "wheels"),
                 "fedledger_cli": str(BIN / "fedledger"),
                 "fedledger_revoked_devices": [],
                 "fedledger_broker_port": 8883,
