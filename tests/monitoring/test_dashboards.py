@@ -22,7 +22,8 @@ from tests.integration.test_prometheus import Prometheus, values
 
 # grafana-foundation-sdk needs Python 3.11+ (the dev extra installs it there only).
 pytest.importorskip("grafana_foundation_sdk")
-from monitoring import dashboards
+from monitoring import dashboards, render
+from monitoring._templating import substitute
 
 ROOT = Path(__file__).resolve().parents[2]
 COMMITTED = ROOT / "monitoring" / "dashboards"
@@ -30,12 +31,12 @@ ALERTS = ROOT / "monitoring" / "alerts.yml"
 WAIT_S = 20.0
 
 #: What Grafana would put in place of each template variable when the test runs a query.
-SUBSTITUTIONS = {
-    "$__rate_interval": "1m",
-    "$__range": "1h",
-    "$agent_job": dashboards.AGENT_JOB,
-    "$instance": ".+",
-    "$job": dashboards.GATEWAY_JOB,
+VARIABLES = {
+    "__rate_interval": "1m",
+    "__range": "1h",
+    "agent_job": dashboards.AGENT_JOB,
+    "instance": ".+",
+    "job": dashboards.GATEWAY_JOB,
 }
 
 
@@ -61,9 +62,9 @@ def panel_queries() -> list[tuple[str, str, str]]:
     ]
 
 
-def substitute(expr: str) -> str:
-    for variable, value in SUBSTITUTIONS.items():  # longest first: $__rate_interval, $__range
-        expr = expr.replace(variable, value)
+def promql(expr: str) -> str:
+    """``expr`` as Grafana would send it (monitoring.render substitutes the same way)."""
+    expr = substitute(expr, VARIABLES)
     assert "$" not in expr, expr
     return expr
 
@@ -271,10 +272,11 @@ def query(prom: Prometheus, promql: str) -> dict:
         return json.load(exc)
 
 
-def test_panels_and_alerts_run_against_a_live_gateway(live):
-    """One live setup (about 10 s) for both checks."""
+def test_panels_and_alerts_run_against_a_live_gateway(live, tmp_path):
+    """One live setup (about 10 s) for the three checks."""
     check_every_panel_query_returns_series(live)
     check_every_alert_rule_loads_and_its_expression_runs(live)
+    check_every_dashboard_renders_to_png(live, tmp_path / "png")
 
 
 def check_every_panel_query_returns_series(live: Prometheus) -> None:
@@ -282,10 +284,10 @@ def check_every_panel_query_returns_series(live: Prometheus) -> None:
     assert len(queries) > 30
     empty = []
     for board, title, expr in queries:
-        body = query(live, substitute(expr))
+        body = query(live, promql(expr))
         assert body["status"] == "success", (board, title, expr, body)
         if not body["data"]["result"]:
-            empty.append((board, title, substitute(expr)))
+            empty.append((board, title, promql(expr)))
     assert not empty, "panels without series:\n" + "\n".join(map(str, empty))
     # the values the panels show match what the gateway did
     result = query(live, 'fedledger_gateway_devices_online{job="fedledger-gateway"}')
@@ -309,3 +311,30 @@ def check_every_alert_rule_loads_and_its_expression_runs(live: Prometheus) -> No
         assert rule["type"] == "alerting" and rule["health"] in ("ok", "unknown"), rule
         assert rule["labels"]["severity"] in ("critical", "warning"), rule
         assert query(live, rule["query"])["status"] == "success", rule
+
+
+def check_every_dashboard_renders_to_png(live: Prometheus, out: Path) -> None:
+    """monitoring.render draws each dashboard from the same Prometheus, with the variables
+    saved in the dashboards, and every panel gets numbers (not only NaN): the panels the query
+    check above requires to return data."""
+    from PIL import Image
+
+    client = render.PrometheusClient(live.url(""))
+    for path in sorted(COMMITTED.glob("*.json")):
+        board = render.load_dashboard(path)
+        png = out / f"{path.stem}.png"
+        # the gateway has run for about 10 s: a minute covers it; Prometheus scrapes every 1 s
+        rendering = render.render_dashboard(board, client, png, range_s=60, scrape_s=1)
+        bottom = max(p["gridPos"]["y"] + p["gridPos"]["h"] for p in board["panels"])
+        expected = (1440, render.HEADER_PX + bottom * render.ROW_PX + render.GAP_PX)
+        assert rendering.path == png and rendering.size == expected
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        with Image.open(png) as image:
+            assert image.format == "PNG" and image.size == expected
+            image.load()  # decodes: the file is whole
+        summaries = rendering.panels
+        shown = [(p["title"], p["type"]) for p in panels(board)]
+        assert [(s.title, s.type) for s in summaries] == shown, path.name
+        assert all(s.error is None for s in summaries), (path.name, summaries)
+        without = [s.title for s in summaries if not s.has_data]
+        assert not without, f"{path.name}: panels without numbers: {without}"
