@@ -84,8 +84,9 @@ class TaskSpec(StrictModel):
     #: How the gateway combines a round's updates (``gateway.AGGREGATION_RULES``); the rule is
     #: recorded with the task and every round on the ledger.
     aggregation: Literal[
-        "fedavg", "fedprox", "median", "trimmed_mean", "krum", "multi_krum", "bulyan"
-    ] = "fedavg"
+        "fedavg", "fedprox", "median", "trimmed_mean", "krum", "multi_krum", "bulyan",
+        "geometric_median", "centered_clip",
+    ] = "fedavg"  # fmt: skip
     #: The rule's options, e.g. ``{beta = 0.2}`` for trimmed_mean, ``{f = 3}`` for krum,
     #: ``{clip_factor = 1.0}`` to clip every update to the median norm (any rule).
     aggregation_options: dict[str, float | int | bool] = Field(default_factory=dict)

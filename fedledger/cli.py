@@ -101,7 +101,8 @@ def demo(
     aggregation: Annotated[
         str,
         typer.Option(
-            help="fedavg, fedprox, median, trimmed_mean, krum, multi_krum or bulyan"
+            help="fedavg, fedprox, median, trimmed_mean, krum, multi_krum, bulyan,"
+            " geometric_median or centered_clip"
             " (recorded on the ledger with every round)."
         ),
     ] = "fedavg",

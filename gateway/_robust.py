@@ -8,9 +8,11 @@ Non-finite updates never reach an aggregate: every rule drops them before doing 
 else (:func:`drop_nonfinite`; an :class:`UpdateMatrix` refuses them as they arrive). The
 registry in ``_strategies`` reports which were dropped.
 
-The rules that need every update at once (median, trimmed mean, Krum, Multi-Krum, Bulyan)
-work on one ``(N, M)`` float32 matrix, one row per update. FedAvg needs no such matrix and
-stays a streaming sum (``_aggregate``).
+The rules that need every update at once (median, trimmed mean, Krum, Multi-Krum, Bulyan,
+geometric median, centered clipping) work on one ``(N, M)`` float32 matrix, one row per
+update; the iterative ones (geometric median, centered clipping, Multi-Krum's concentration
+steps) go through it row by row, with O(model) float64 temporaries. FedAvg needs no such
+matrix and stays a streaming sum (``_aggregate``).
 
 Coordinate-wise statistics are computed tile by tile: a block of columns is copied,
 transposed, into a ~1 MB contiguous tile whose rows are then ordered in place. NumPy's own
@@ -345,6 +347,29 @@ def multi_krum_select(updates: Updates, *, f: int, m: int | None = None) -> np.n
     return np.argsort(scores, kind="stable")[:m]
 
 
+def concentrate(matrix: UpdateMatrix, chosen: np.ndarray, steps: int) -> np.ndarray:
+    """Concentration steps (the C-steps of Rousseeuw and Van Driessen, 1999, "A Fast
+    Algorithm for the Minimum Covariance Determinant Estimator", with identity covariance):
+    keep as many updates as ``chosen`` holds, those nearest to the weighted mean of the
+    current choice, ``steps`` times or until the choice stops changing.
+
+    With equal sample counts, no step raises the sum of squared distances of the chosen
+    updates to their mean (with unequal ones the mean is weighted, the distances not). Krum
+    scores favour updates near everything, short ones included (a sign-flipped short
+    update among them); measured from the mean of an honest-majority choice, an update
+    pointing against it is farther away than it looked. Returns sorted row indices.
+    """
+    chosen = np.sort(np.asarray(chosen, dtype=np.int64))
+    for _ in range(steps):
+        centre = weighted_rows_mean(matrix, chosen).astype(np.float64)
+        dist = _distances_to(matrix.rows, centre)
+        nearest = np.sort(np.argsort(dist, kind="stable")[: len(chosen)])
+        if np.array_equal(nearest, chosen):
+            break
+        chosen = nearest
+    return chosen
+
+
 def weighted_rows_mean(matrix: UpdateMatrix, index: np.ndarray) -> np.ndarray:
     samples = matrix.samples[index].astype(np.float64)
     total = samples.sum()
@@ -373,15 +398,16 @@ def krum(updates: Updates, *, f: int) -> Params:
     return matrix.unflatten(matrix.rows[chosen[0]].copy())
 
 
-def multi_krum(updates: Updates, *, f: int, m: int | None = None) -> Params:
+def multi_krum(updates: Updates, *, f: int, m: int | None = None, refine: int = 0) -> Params:
     """Multi-Krum (Blanchard et al., 2017): the sample-weighted mean of the ``m`` updates
     with the lowest Krum scores (``m = n - f`` unless given; ``m = 1`` is Krum).
 
     The mean is weighted like FedAvg (as Flower's implementation does); selection already
-    bounds how far any selected update can pull it.
+    bounds how far any selected update can pull it. ``refine > 0`` then runs that many
+    concentration steps on the selection (:func:`concentrate`).
     """
     matrix = _matrix(updates)
-    chosen = np.sort(multi_krum_select(matrix, f=f, m=m))
+    chosen = concentrate(matrix, multi_krum_select(matrix, f=f, m=m), refine)
     return matrix.unflatten(weighted_rows_mean(matrix, chosen))
 
 
@@ -534,3 +560,169 @@ def clipped(
     apply.__name__ = f"clipped_{getattr(rule, '__name__', 'rule')}"
     apply.__doc__ = f"Norm-clipped {getattr(rule, '__name__', 'rule')}."
     return apply
+
+
+# ------------------------------------------------------- geometric median, centered clipping
+def _distances_to(rows: np.ndarray, point: np.ndarray) -> np.ndarray:
+    """L2 distance of each row to ``point``, one row at a time (O(model) extra memory),
+    accumulated in float64 so that a finite but huge row cannot overflow."""
+    out = np.empty(len(rows), dtype=np.float64)
+    for i, row in enumerate(rows):
+        diff = row.astype(np.float64) - point
+        out[i] = np.sqrt(diff @ diff)
+    return out
+
+
+def _combine(rows: np.ndarray, coefficients: np.ndarray) -> np.ndarray:
+    """``sum_i coefficients[i] * rows[i]`` in float64, one row at a time."""
+    out = np.zeros(rows.shape[1], dtype=np.float64)
+    for row, c in zip(rows, coefficients, strict=True):
+        if c != 0.0:
+            out += c * row.astype(np.float64)
+    return out
+
+
+def _row_weights(samples: np.ndarray | None, n: int) -> np.ndarray:
+    if samples is None:
+        return np.full(n, 1.0 / n)
+    weights = np.asarray(samples, dtype=np.float64)
+    if len(weights) != n or (weights < 0).any() or not weights.sum() > 0:
+        raise ValueError("weights need one non-negative sample count per row, with a positive sum")
+    return weights / weights.sum()
+
+
+def geometric_median_rows(
+    rows: np.ndarray,
+    samples: np.ndarray | None = None,
+    *,
+    nu: float = 1e-6,
+    max_iter: int = 100,
+    tol: float = 1e-6,
+) -> tuple[np.ndarray, int]:
+    """The (weighted) geometric median of the rows: ``argmin_z sum_i w_i ||x_i - z||``,
+    by the smoothed Weiszfeld iteration of Pillutla et al. (2022), each distance floored at
+    ``nu``. Starts from the coordinate-wise median, so a few huge rows cannot drag the
+    first iterate away; stops when an iterate moves less than ``tol`` times its norm (or
+    ``tol`` in absolute terms near zero). Returns the float64 vector and the iterations run.
+    """
+    n = len(rows)
+    weights = _row_weights(samples, n)
+    z = middle_mean(rows, (n - 1) // 2, n // 2).astype(np.float64)
+    for iteration in range(1, max_iter + 1):
+        beta = weights / np.maximum(_distances_to(rows, z), nu)
+        new = _combine(rows, beta / beta.sum())
+        step = float(np.linalg.norm(new - z))
+        z = new
+        if step <= tol * max(1.0, float(np.linalg.norm(z))):
+            return z, iteration
+    return z, max_iter
+
+
+def geometric_median_select(
+    matrix: UpdateMatrix, z: np.ndarray, *, f: int, refine: int = 0
+) -> np.ndarray:
+    """Sorted row indices of the ``n - f`` updates nearest to ``z`` (the geometric median),
+    then ``refine`` concentration steps (:func:`concentrate`).
+
+    Multi-Krum's selection is guaranteed only for ``n >= 2f + 3``; past that, f colluding
+    updates that agree with each other (label flippers training towards the same wrong
+    labels) score better than heterogeneous honest ones and are the ones chosen. The
+    geometric median stays with the majority up to f < n / 2, and so does a selection made
+    around it.
+    """
+    n = len(matrix)
+    if not 0 <= f < n:
+        raise ValueError(f"f must be in 0..{n - 1} for {n} updates, got {f}")
+    nearest = np.argsort(_distances_to(matrix.rows, z), kind="stable")[: n - f]
+    return concentrate(matrix, nearest, refine)
+
+
+def geometric_median(
+    updates: Updates,
+    *,
+    weighted: bool = False,
+    max_iter: int = 100,
+    tol: float = 1e-6,
+    f: int | None = None,
+    refine: int = 0,
+) -> Params:
+    """Geometric median (RFA: Pillutla, Kakade and Harchaoui, 2022, "Robust Aggregation for
+    Federated Learning", IEEE TSP), by the smoothed Weiszfeld algorithm.
+
+    Breakdown point 1/2: while fewer than half of the updates (by weight) are Byzantine,
+    the aggregate stays within a bounded distance of the honest ones, however far away the
+    others are. Unlike the coordinate-wise median it is rotation-invariant and takes the
+    whole update into account. Unweighted by default, like the median (a device cannot buy
+    influence by claiming more samples); ``weighted=True`` weighs by sample count, as RFA.
+
+    Bounded is not harmless: k identical updates (free riders all sending the global model
+    back, a zero delta) are a point the median sits on exactly as soon as k exceeds the norm
+    of the sum of the unit vectors from it to the others, which heterogeneous honest updates
+    keep small. At 45% free riders the model then never moves (``bench/robustness.py``).
+
+    With ``f`` given, the result is instead the sample-weighted mean of the ``n - f``
+    updates nearest to the geometric median, after ``refine`` concentration steps
+    (:func:`geometric_median_select`): Multi-Krum's averaging around a centre that does not
+    break down before half.
+    """
+    matrix = _matrix(updates)
+    samples = matrix.samples if weighted else None
+    z, _ = geometric_median_rows(matrix.rows, samples, max_iter=max_iter, tol=tol)
+    if f is None:
+        return matrix.unflatten(z.astype(np.float32))
+    chosen = geometric_median_select(matrix, z, f=f, refine=refine)
+    return matrix.unflatten(weighted_rows_mean(matrix, chosen))
+
+
+def centered_clip_rows(
+    rows: np.ndarray,
+    samples: np.ndarray | None = None,
+    *,
+    start: np.ndarray | None = None,
+    tau: float | None = None,
+    iterations: int = 3,
+) -> tuple[np.ndarray, list[float]]:
+    """Centered clipping: ``v <- v + sum_i w_i clip_tau(x_i - v)`` repeated ``iterations``
+    times, where ``clip_tau`` scales a vector longer than ``tau`` down to ``tau``.
+
+    ``start`` defaults to the coordinate-wise median; ``tau`` (unset) is this iteration's
+    median distance from ``v`` to the rows, so more than half of the rows (the honest
+    majority) are never clipped. Returns the float64 vector and the radii used.
+    """
+    n = len(rows)
+    weights = _row_weights(samples, n)
+    if start is None:
+        start = middle_mean(rows, (n - 1) // 2, n // 2)
+    v = np.asarray(start, dtype=np.float64).copy()
+    radii: list[float] = []
+    for _ in range(iterations):
+        dist = _distances_to(rows, v)
+        radius = float(np.median(dist)) if tau is None else float(tau)
+        radii.append(radius)
+        scale = clip_factors(dist, radius) if radius > 0 else np.zeros(n)
+        coefficients = weights * scale
+        # sum_i c_i (x_i - v) = sum_i c_i x_i - (sum_i c_i) v
+        v = v + _combine(rows, coefficients) - coefficients.sum() * v
+    return v, radii
+
+
+def centered_clip(
+    updates: Updates,
+    *,
+    tau: float | None = None,
+    iterations: int = 3,
+    weighted: bool = False,
+) -> Params:
+    """Centered clipping (Karimireddy, He and Jaggi, 2021, "Learning from History for
+    Byzantine Robust Optimization", ICML).
+
+    The paper clips each update's distance to the previous aggregate (with worker
+    momentum); a pure function has no history, so the centre starts at the coordinate-wise
+    median of this round, and ``tau`` defaults to the median distance to the centre. Each
+    Byzantine update then moves the centre by at most ``tau / n`` per iteration, whatever
+    it holds. Unweighted by default; ``weighted=True`` weighs by sample count.
+    """
+    matrix = _matrix(updates)
+    samples = matrix.samples if weighted else None
+    v, _ = centered_clip_rows(matrix.rows, samples, tau=tau, iterations=iterations)
+    return matrix.unflatten(v.astype(np.float32))

@@ -46,10 +46,14 @@ from ._robust import (
     Pair,
     UpdateMatrix,
     bulyan_select,
+    centered_clip_rows,
     clip_factors,
     clip_threshold,
     closest_to_median_mean,
+    concentrate,
     drop_nonfinite,
+    geometric_median_rows,
+    geometric_median_select,
     krum_scores,
     max_bulyan_f,
     max_krum_f,
@@ -170,15 +174,22 @@ def _validate(name: str, opts: Mapping[str, Any]) -> None:
             hi = ")" if high_open else "]"
             raise ValueError(f"rule {name!r}: {key} must be in {lo}{low}, {high}{hi}, got {value}")
 
-    for key in ("f", "m"):
+    for key in ("f", "m", "iterations", "max_iter", "refine"):
         value = opts.get(key)
         if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
             raise ValueError(f"rule {name!r}: {key} must be an integer, got {value!r}")
-    if opts.get("f") is not None and opts["f"] < 0:
-        raise ValueError(f"rule {name!r}: f must be >= 0, got {opts['f']}")
-    if opts.get("m") is not None and opts["m"] < 1:
-        raise ValueError(f"rule {name!r}: m must be >= 1, got {opts['m']}")
+    for key in ("f", "refine"):
+        if opts.get(key) is not None and opts[key] < 0:
+            raise ValueError(f"rule {name!r}: {key} must be >= 0, got {opts[key]}")
+    for key in ("m", "iterations", "max_iter"):
+        if opts.get(key) is not None and opts[key] < 1:
+            raise ValueError(f"rule {name!r}: {key} must be >= 1, got {opts[key]}")
+    value = opts.get("weighted")
+    if value is not None and not isinstance(value, bool):
+        raise ValueError(f"rule {name!r}: weighted must be true or false, got {value!r}")
     number("beta", 0.0, 0.5, low_open=False, high_open=True)
+    number("tau", 0.0, math.inf, low_open=True, high_open=True)
+    number("tol", 0.0, 1.0, low_open=True, high_open=True)
     number("clip_norm", 0.0, math.inf, low_open=True, high_open=True)
     number("clip_factor", 0.0, math.inf, low_open=True, high_open=True)
     number("clip_quantile", 0.0, 1.0, low_open=True, high_open=False)
@@ -270,6 +281,8 @@ def _multi_krum_core(matrix: UpdateMatrix, opts: dict, *, single: bool = False):
     m = 1 if single else (n - f if opts.get("m") is None else min(opts["m"], n))
     scores = krum_scores(pairwise_sq_distances(matrix.rows), f)
     chosen = np.sort(np.argsort(scores, kind="stable")[:m])
+    if not single:
+        chosen = concentrate(matrix, chosen, opts["refine"])
     vector = matrix.rows[chosen[0]].copy() if single else weighted_rows_mean(matrix, chosen)
     in_force = {**opts, "f": f} if single else {**opts, "f": f, "m": m}
     return vector, chosen, in_force
@@ -281,6 +294,27 @@ def _bulyan_core(matrix: UpdateMatrix, opts: dict):
     chosen = np.sort(bulyan_select(pairwise_sq_distances(matrix.rows), f))
     vector = closest_to_median_mean(matrix.rows[chosen], len(chosen) - 2 * f)
     return vector, chosen, {**opts, "f": f}
+
+
+def _geometric_median_core(matrix: UpdateMatrix, opts: dict):
+    samples = matrix.samples if opts["weighted"] else None
+    vector, iterations = geometric_median_rows(
+        matrix.rows, samples, max_iter=opts["max_iter"], tol=opts["tol"]
+    )
+    in_force = {**opts, "iterations": iterations}
+    if opts["f"] is None:
+        return vector.astype(np.float32), _all_rows(matrix), in_force
+    f = _effective_f("geometric_median", matrix, opts["f"], len(matrix) - 1)
+    chosen = geometric_median_select(matrix, vector, f=f, refine=opts["refine"])
+    return weighted_rows_mean(matrix, chosen), chosen, {**in_force, "f": f}
+
+
+def _centered_clip_core(matrix: UpdateMatrix, opts: dict):
+    samples = matrix.samples if opts["weighted"] else None
+    vector, radii = centered_clip_rows(
+        matrix.rows, samples, tau=opts["tau"], iterations=opts["iterations"]
+    )
+    return vector.astype(np.float32), _all_rows(matrix), {**opts, "radius": radii[-1]}
 
 
 _FEDAVG_REF = "McMahan et al., 2017, Communication-Efficient Learning of Deep Networks from Decentralized Data (AISTATS)"  # noqa: E501
@@ -328,8 +362,9 @@ AGGREGATION_RULES: Mapping[str, AggregationRule] = MappingProxyType(
         ),
         "multi_krum": _rule(
             "multi_krum",
-            "Blanchard et al., 2017 (NeurIPS): Multi-Krum",
-            {"f": 1, "m": None},
+            "Blanchard et al., 2017 (NeurIPS): Multi-Krum; refine: concentration steps "
+            "(Rousseeuw and Van Driessen, 1999)",
+            {"f": 1, "m": None, "refine": 0},
             True,
             _multi_krum_core,
         ),
@@ -340,6 +375,23 @@ AGGREGATION_RULES: Mapping[str, AggregationRule] = MappingProxyType(
             {"f": 1},
             True,
             _bulyan_core,
+        ),
+        "geometric_median": _rule(
+            "geometric_median",
+            "Pillutla, Kakade and Harchaoui, 2022, Robust Aggregation for Federated Learning "
+            "(IEEE TSP): RFA, geometric median by smoothed Weiszfeld; with f: the mean of "
+            "the n - f updates nearest to it",
+            {"weighted": False, "max_iter": 100, "tol": 1e-6, "f": None, "refine": 0},
+            True,
+            _geometric_median_core,
+        ),
+        "centered_clip": _rule(
+            "centered_clip",
+            "Karimireddy, He and Jaggi, 2021, Learning from History for Byzantine Robust "
+            "Optimization (ICML): centered clipping, centred on the coordinate-wise median",
+            {"tau": None, "iterations": 3, "weighted": False},
+            True,
+            _centered_clip_core,
         ),
     }
 )

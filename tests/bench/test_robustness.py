@@ -5,7 +5,19 @@ from __future__ import annotations
 
 import math
 
+import pytest
+
 from bench import aggregate, robustness
+
+RULES = (
+    "fedavg",
+    "median",
+    "multi_krum",
+    "bulyan",
+    "multi_krum_refined",
+    "geometric_median",
+    "geometric_median_trimmed",
+)
 
 
 def test_robustness_tiny():
@@ -15,29 +27,36 @@ def test_robustness_tiny():
         rounds=2,
         devices=8,
         repeats=1,
-        rules=("fedavg", "median", "multi_krum", "bulyan"),
+        rules=RULES,
         attacks=("nan", "sign_flip"),
     )
     assert result["bench"] == "robustness"
     table = result["table"]
     assert table["columns"][:4] == ["dataset", "rule", "attack", "fraction"]
-    assert len(table["rows"]) == 2 * 4 * 2 * 2  # datasets x rules x fractions x attacks
+    assert len(table["rows"]) == 2 * 7 * 2 * 2  # datasets x rules x fractions x attacks
     col = {c: i for i, c in enumerate(table["columns"])}
     for row in table["rows"]:
         assert 0.0 <= row[col["accuracy"]] <= 1.0
         assert math.isfinite(row[col["loss_pp"]])
+        assert len(row[col["loss_pp_per_seed"]]) == 1  # one seed: its loss is the mean
+        assert row[col["loss_pp_per_seed"]][0] == pytest.approx(row[col["loss_pp"]], abs=0.02)
         if row[col["attack"]] == "nan":  # every NaN update of every round was dropped
             assert row[col["dropped"]] == row[col["attackers"]] * 2
     assert result["nonfinite_aggregated"] == 0
-    # 2 and 4 attackers (round(0.3 * 8), round(0.45 * 8)), 2 rounds, 4 rules, 2 data sets
-    assert result["nonfinite_dropped"] >= (2 + 4) * 2 * 4 * 2
+    # 2 and 4 attackers (round(0.3 * 8), round(0.45 * 8)), 2 rounds, 7 rules, 2 data sets
+    assert result["nonfinite_dropped"] >= (2 + 4) * 2 * 7 * 2
     for pct in ("30pct", "45pct"):
         for key in ("met", "met_vs_fedavg_clean", "met_single_rule"):
             assert isinstance(result[f"goal_{pct}_{key}"], bool)
-        assert result[f"single_best_rule_{pct}"] in ("median", "multi_krum", "bulyan")
+        assert result[f"single_best_rule_{pct}"] in RULES[1:]
+        cell = result[f"worst_loss_cell_{pct}"]
+        assert cell["loss_pp"] == result[f"worst_loss_pp_{pct}"]
+        samples = result["test_samples"][cell["dataset"]]
+        assert cell["loss_test_samples"] == pytest.approx(cell["loss_pp"] * samples / 100, abs=0.01)
+    assert result["test_samples"] == {"breast_cancer": 114, "digits": 360}
     assert len(result["best_rule_per_cell"]["rows"]) == 2 * 2 * 2
     clean_rules = {row[1] for row in result["clean"]["rows"]}
-    assert clean_rules == {"fedavg", "median", "multi_krum", "bulyan"}
+    assert clean_rules == set(RULES)
     assert result["runs"] > 0 and result["elapsed_s"] > 0
 
 

@@ -9,12 +9,18 @@ from gateway import fedavg
 from gateway._robust import (
     UpdateMatrix,
     bulyan,
+    centered_clip,
+    centered_clip_rows,
     clip_pairs,
     clipped,
+    concentrate,
     coordinate_median,
     drop_nonfinite,
+    geometric_median,
+    geometric_median_rows,
     krum,
     multi_krum,
+    multi_krum_select,
     pairwise_sq_distances,
     trim_count,
     trimmed_mean,
@@ -37,6 +43,8 @@ RULE_OPTIONS = {
     "krum": {"f": 2},
     "multi_krum": {"f": 2},
     "bulyan": {"f": 1},
+    "geometric_median": {},
+    "centered_clip": {},
 }
 
 
@@ -149,7 +157,10 @@ def honest_and_outliers(rng, honest=15, outliers=4, size=20, magnitude=1e6):
     return [pairs[i] for i in order], centre
 
 
-@pytest.mark.parametrize("rule", ["median", "trimmed_mean", "krum", "multi_krum", "bulyan"])
+ROBUST = ["median", "trimmed_mean", "krum", "multi_krum", "bulyan", "geometric_median"]
+
+
+@pytest.mark.parametrize("rule", [*ROBUST, "centered_clip"])
 def test_robust_rules_ignore_a_minority_of_huge_outliers(rng, rule):
     pairs, centre = honest_and_outliers(rng)
     options = {"trimmed_mean": {"beta": 0.25}}.get(rule, {"f": 4} if "krum" in rule else {})
@@ -160,11 +171,11 @@ def test_robust_rules_ignore_a_minority_of_huge_outliers(rng, rule):
     assert np.abs(aggregate(pairs, "fedavg").params["w"] - centre).max() > 1e5
 
 
-@pytest.mark.parametrize("rule", ["krum", "multi_krum", "bulyan"])
+@pytest.mark.parametrize("rule", ["krum", "multi_krum", "bulyan", "geometric_median"])
 def test_colluding_overflowing_updates_never_look_close(rng, rule):
     # 1e20 squared overflows float32: those distances must count as infinite, not NaN or 0.
     pairs, centre = honest_and_outliers(rng, magnitude=1e20)
-    out = aggregate(pairs, rule, f=4)
+    out = aggregate(pairs, rule, **({} if rule == "geometric_median" else {"f": 4}))
     assert np.abs(out.params["w"] - centre).max() < 0.05
 
 
@@ -196,7 +207,16 @@ def test_every_rule_drops_nonfinite_updates(rng, rule, clip):
 
 
 @pytest.mark.parametrize(
-    "fn", [coordinate_median, lambda p: trimmed_mean(p, beta=0.2), lambda p: krum(p, f=1)]
+    "fn",
+    [
+        coordinate_median,
+        lambda p: trimmed_mean(p, beta=0.2),
+        lambda p: krum(p, f=1),
+        lambda p: multi_krum(p, f=1, refine=3),
+        geometric_median,
+        lambda p: geometric_median(p, f=1, refine=2),
+        centered_clip,
+    ],
 )
 def test_pure_rules_drop_nonfinite_too(rng, fn):
     pairs = nonfinite_mixture(rng)
@@ -271,6 +291,7 @@ def test_clipping_limits_what_a_scaled_attacker_can_do(rng):
 def test_registry_names_and_references():
     assert set(AGGREGATION_RULES) == {
         "fedavg", "fedprox", "median", "trimmed_mean", "krum", "multi_krum", "bulyan",
+        "geometric_median", "centered_clip",
     }  # fmt: skip
     for name, rule in AGGREGATION_RULES.items():
         assert rule.name == name and rule.reference
@@ -288,6 +309,13 @@ def test_registry_names_and_references():
         ("fedavg", {"clip_norm": 1.0, "clip_factor": 1.0}, "excludes"),
         ("fedavg", {"clip_quantile": 0.0}, "clip_quantile"),
         ("fedavg", {"clip_norm": float("nan")}, "clip_norm"),
+        ("multi_krum", {"refine": -1}, "refine"),
+        ("geometric_median", {"weighted": 1}, "weighted"),
+        ("geometric_median", {"max_iter": 0}, "max_iter"),
+        ("geometric_median", {"tol": 0.0}, "tol"),
+        ("centered_clip", {"tau": 0.0}, "tau"),
+        ("centered_clip", {"iterations": 0}, "iterations"),
+        ("centered_clip", {"f": 1}, "no option f"),
     ],
 )
 def test_bad_options_are_refused(rule, options, message):
@@ -316,6 +344,145 @@ def test_dropped_updates_count_against_f():
     assert result.options["f"] == 1 and result.options["m"] == 7
     assert result.used == (0, 1, 2, 3, 4, 5, 6) and result.dropped == (8, 9, 10, 11)
     assert w(result.params) == [4.0]
+
+
+# ------------------------------------- geometric median, centered clipping, concentration
+def test_geometric_median_by_hand():
+    # In one dimension the geometric median is the median, whatever the outliers hold.
+    assert w(geometric_median(scalars([1.0, 2.0, 3.0, 1e6, -50.0]))) == pytest.approx([2.0])
+    # The Fermat point of a triangle with all angles < 120 degrees: for an equilateral
+    # one, its centroid (where the coordinate-wise median is not).
+    h = np.sqrt(3.0) / 2
+    pairs = [({"w": np.array(p)}, 1) for p in ([0.0, 0.0], [1.0, 0.0], [0.5, h])]
+    np.testing.assert_allclose(geometric_median(pairs)["w"], [0.5, h / 3], atol=1e-5)
+    # Weighted by samples (RFA), the heavier point wins: 3 of 4 samples sit at 0.
+    pairs = scalars([0.0, 10.0], [3, 1])
+    assert abs(w(geometric_median(pairs, weighted=True))[0]) < 1e-4
+    assert w(geometric_median(pairs)) == pytest.approx([5.0], abs=1e-4)  # anywhere in [0, 10]
+
+
+def test_geometric_median_converges_and_reports_iterations(rng):
+    rows = rng.normal(size=(9, 30)).astype(np.float32)
+    z, iterations = geometric_median_rows(rows, tol=1e-9, max_iter=1000)
+    assert iterations < 1000
+    # First-order optimality: the unit vectors towards the rows sum to ~0.
+    diff = rows - z
+    units = diff / np.linalg.norm(diff, axis=1, keepdims=True)
+    assert np.linalg.norm(units.sum(axis=0)) < 1e-3
+    result = aggregate([({"w": r}, 1) for r in rows], "geometric_median", tol=1e-9)
+    assert 1 <= result.options["iterations"] <= 100
+
+
+@pytest.mark.parametrize("rule", ["geometric_median", "centered_clip", "multi_krum"])
+def test_identical_updates_aggregate_to_themselves(rng, rule):
+    update = {"w": rng.normal(size=(3, 4)).astype(np.float32), "b": np.ones(2, np.float32)}
+    options = {"f": 2, "refine": 3} if rule == "multi_krum" else {}
+    out = aggregate([(update, n) for n in (1, 5, 9, 2, 7, 3)], rule, **options).params
+    for name in update:
+        np.testing.assert_allclose(out[name], update[name], rtol=1e-6, atol=1e-7)
+
+
+def test_without_attackers_symmetric_updates_give_the_mean(rng):
+    # Updates symmetric about a centre: the geometric median and centered clipping are the
+    # mean, like FedAvg with equal sample counts.
+    centre = rng.normal(size=8)
+    offsets = rng.normal(size=(5, 8))
+    pairs = [({"w": centre + s * o}, 4) for o in offsets for s in (1.0, -1.0)]
+    mean = fedavg(pairs)["w"]
+    np.testing.assert_allclose(geometric_median(pairs)["w"], mean, atol=1e-4)
+    np.testing.assert_allclose(centered_clip(pairs)["w"], mean, atol=1e-5)
+    # With a radius no update reaches, one step from any start is exactly the mean.
+    rows = np.array([p["w"] for p, _ in pairs], dtype=np.float32)
+    v, radii = centered_clip_rows(rows, start=np.zeros(8), tau=1e9, iterations=1)
+    np.testing.assert_allclose(v, rows.astype(np.float64).mean(axis=0), rtol=1e-6)
+    assert radii == [1e9]
+
+
+@pytest.mark.parametrize("attackers", [1, 4, 9])
+def test_geometric_median_breaks_down_only_at_half(rng, attackers):
+    # Up to 9 of 20 updates anywhere at all: the aggregate stays near the honest ones, and
+    # moving the attackers 1000 times farther away barely moves it.
+    pairs, centre = honest_and_outliers(rng, honest=20 - attackers, outliers=attackers)
+    far = [(p, n) if p["w"][0] < 1e5 else ({"w": p["w"] * 1e3}, n) for p, n in pairs]
+    spread = 0.01 * np.sqrt(20)  # the honest updates' typical distance from their centre
+    near_out, far_out = geometric_median(pairs)["w"], geometric_median(far)["w"]
+    assert np.linalg.norm(near_out - centre) < 3 * spread
+    assert np.linalg.norm(far_out - near_out) < 1e-3
+
+
+def test_centered_clip_bounds_each_attackers_pull(rng):
+    # Each iteration, a Byzantine update moves the centre by at most tau / n, however far
+    # away it is: 4 attackers, 3 iterations, at most 12 tau / n from the honest-only answer.
+    pairs, centre = honest_and_outliers(rng, honest=15, outliers=4, magnitude=1e6)
+    tau = 0.05
+    out = centered_clip(pairs, tau=tau, iterations=3)["w"]
+    honest_only = centered_clip([p for p in pairs if p[0]["w"][0] < 1e5], tau=tau)["w"]
+    assert np.linalg.norm(out - honest_only) <= 3 * 4 * tau / 15 + 1e-6
+    assert np.linalg.norm(out - centre) < 0.1
+
+
+def test_multi_krum_refine_drops_sign_flipped_updates(rng):
+    # Honest updates share a direction and differ as much again; 6 of 20 send theirs
+    # negated. Krum scores let some through; concentration steps drop most of them.
+    chosen_plain = chosen_refined = 0
+    for _ in range(10):
+        deltas = np.ones(10) + rng.normal(size=(20, 10))
+        deltas[14:] *= -1.0
+        matrix = UpdateMatrix.from_rows(deltas.astype(np.float32), [1] * 20)
+        plain = multi_krum_select(matrix, f=6)
+        refined = concentrate(matrix, plain, 3)
+        assert len(refined) == len(plain) == 14
+        chosen_plain += int((plain >= 14).sum())
+        chosen_refined += int((refined >= 14).sum())
+    assert chosen_refined < chosen_plain / 2
+
+
+def test_geometric_median_with_f_averages_around_it_past_krums_bound(rng):
+    # 9 of 20 attackers agree closely with each other, the 11 honest updates far less: past
+    # Krum's n >= 2f + 3, Multi-Krum picks the tight cluster; the geometric median (and the
+    # n - f updates nearest to it) stay with the majority.
+    centre = rng.normal(size=20)
+    honest = [({"w": centre + 1.3 * rng.normal(size=20)}, 10) for _ in range(11)]
+    bad = centre + 5.0
+    attackers = [({"w": bad + 0.01 * rng.normal(size=20)}, 10) for _ in range(9)]
+    pairs = honest + attackers
+    fooled = aggregate(pairs, "multi_krum", f=9).params["w"]
+    assert np.linalg.norm(fooled - bad) < np.linalg.norm(fooled - centre)
+    result = aggregate(pairs, "geometric_median", f=9, refine=3)
+    assert result.used == tuple(range(11)) and result.options["f"] == 9
+    np.testing.assert_allclose(result.params["w"], fedavg(honest)["w"], rtol=1e-5, atol=1e-6)
+    pure = geometric_median(pairs, f=9, refine=3)["w"]
+    np.testing.assert_allclose(pure, result.params["w"], rtol=1e-6, atol=1e-7)
+    # f = 0 and no steps: the weighted mean of everything
+    np.testing.assert_allclose(
+        geometric_median(pairs, f=0)["w"], fedavg(pairs)["w"], rtol=1e-5, atol=1e-6
+    )
+    with pytest.raises(ValueError, match="f must be"):
+        geometric_median(pairs, f=20)
+    # dropouts lower f to what the remaining updates allow (at least one is averaged)
+    assert aggregate(pairs[:3], "geometric_median", f=9).options["f"] == 2
+
+
+def test_concentration_never_raises_the_spread(rng):
+    rows = (rng.normal(size=(12, 5)) * rng.uniform(0.1, 3.0, size=(12, 1))).astype(np.float32)
+    matrix = UpdateMatrix.from_rows(rows, [1] * 12)
+
+    def spread(index):
+        chosen = rows[index].astype(np.float64)
+        return ((chosen - chosen.mean(axis=0)) ** 2).sum()
+
+    start = multi_krum_select(matrix, f=3)
+    previous = spread(start)
+    for steps in range(1, 5):
+        now = spread(concentrate(matrix, start, steps))
+        assert now <= previous + 1e-9
+        previous = now
+    assert concentrate(matrix, start, 0).tolist() == sorted(start.tolist())
+    plain = aggregate(UpdateMatrix.from_rows(rows.copy(), [1] * 12), "multi_krum", f=3)
+    assert (
+        plain.params["w"].tolist()
+        == multi_krum(UpdateMatrix.from_rows(rows.copy(), [1] * 12), f=3, refine=0)["w"].tolist()
+    )
 
 
 # ----------------------------------------------------------------------- server optimizers
@@ -350,3 +517,38 @@ def test_server_step_is_pure_and_matches_the_paper():
     assert sgd["w"][0] == 1.5  # FedAvg's global + delta
     with pytest.raises(ValueError):
         server_step("adam", params, delta, lr=0.1)
+
+
+# --------------------------------------------------------------------------- in the gateway
+@pytest.mark.parametrize(
+    ("rule", "options"),
+    [
+        ("geometric_median", {}),
+        ("centered_clip", {"iterations": 2}),
+        ("multi_krum", {"f": 1, "refine": 3}),
+        ("geometric_median", {"f": 1, "refine": 2}),
+    ],
+)
+def test_new_rules_run_a_task_in_the_gateway(
+    tmp_path, task, registry, gateway_key, dataset, device_keys, rule, options
+):
+    from fedcore import InMemoryBroker
+    from ledger import Identity
+
+    from .fleet import Clock, make_agents, make_gateway, pump
+
+    spec = task.model_validate(
+        {**task.model_dump(), "aggregation": rule, "aggregation_options": options}
+    )  # validated: the task spec names the rule
+    broker = InMemoryBroker()
+    gateway = make_gateway(tmp_path, spec, registry, gateway_key, dataset, broker, Clock())
+    agents = make_agents(spec, device_keys, gateway_key, dataset, broker)
+    gateway.connect()
+    gateway.start()
+    for _ in range(10):
+        pump(gateway, agents)
+    assert gateway.finished and gateway.results[-1].accuracy > 0.85
+    admin = Identity(msp_id="org1", subject="admin", role="admin")
+    last = gateway.ledger.evaluate("GetRound", spec.id, 2, identity=admin)
+    assert last["aggregation"] == rule
+    assert gateway.ledger.verify(replay=True, store=gateway.store).ok
