@@ -28,7 +28,7 @@ from cryptography.hazmat.primitives.asymmetric.utils import (
 )
 
 from ._errors import CertificateError, ConfigError, SignatureError
-from ._signing import Signer
+from ._signing import Signer, read_pem_private_key
 
 # cryptography.x509 is imported where certificates are parsed: an agent without a
 # certificate then never loads it (about 1.5 MB of a device's memory).
@@ -48,17 +48,11 @@ _HALF = 32
 
 def load_ec_private_key(path: str | os.PathLike[str]) -> ec.EllipticCurvePrivateKey:
     """The P-256 key of a PKI certificate (``<name>.key`` written by ``fedledger pki issue``)."""
-    try:
-        data = Path(path).read_bytes()
-    except OSError as exc:
-        raise ConfigError(f"cannot read private key: {exc.strerror}", file=str(path)) from None
-    try:
-        key = serialization.load_pem_private_key(data, password=None)
-    except (ValueError, TypeError):
-        raise ConfigError("not an unencrypted PEM private key", file=str(path)) from None
-    if not isinstance(key, ec.EllipticCurvePrivateKey) or not isinstance(key.curve, ec.SECP256R1):
-        raise ConfigError("private key is not an EC P-256 key", file=str(path))
-    return key
+    return read_pem_private_key(
+        path,
+        lambda k: isinstance(k, ec.EllipticCurvePrivateKey) and isinstance(k.curve, ec.SECP256R1),
+        "EC P-256",
+    )
 
 
 def load_certificate(path: str | os.PathLike[str]) -> x509.Certificate:

@@ -13,7 +13,6 @@ from __future__ import annotations
 import base64
 import binascii
 import os
-from pathlib import Path
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import hashes, serialization
@@ -21,7 +20,8 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-from ._errors import ConfigError, DecryptError
+from ._errors import DecryptError
+from ._signing import read_pem_private_key
 
 #: The one sealing scheme an update header may name (field ``enc``).
 ENC_X25519_AES256GCM = "x25519-hkdf-sha256-aes256gcm"
@@ -52,17 +52,7 @@ def load_x25519_public_key(b64: str) -> X25519PublicKey:
 
 
 def load_x25519_private_key(path: str | os.PathLike[str]) -> X25519PrivateKey:
-    try:
-        data = Path(path).read_bytes()
-    except OSError as exc:
-        raise ConfigError(f"cannot read private key: {exc.strerror}", file=str(path)) from None
-    try:
-        key = serialization.load_pem_private_key(data, password=None)
-    except (ValueError, TypeError):
-        raise ConfigError("not an unencrypted PEM private key", file=str(path)) from None
-    if not isinstance(key, X25519PrivateKey):
-        raise ConfigError("private key is not an X25519 key", file=str(path))
-    return key
+    return read_pem_private_key(path, lambda k: isinstance(k, X25519PrivateKey), "X25519")
 
 
 def _raw(key: X25519PublicKey) -> bytes:

@@ -39,7 +39,9 @@ def save_private_key(key: Ed25519PrivateKey, path: str | os.PathLike[str]) -> No
     os.chmod(path, 0o600)
 
 
-def load_private_key(path: str | os.PathLike[str]) -> Ed25519PrivateKey:
+def read_pem_private_key(path: str | os.PathLike[str], accepts, kind: str):
+    """An unencrypted PEM private key for which ``accepts(key)`` holds; every failure is a
+    ConfigError naming the file (unreadable, not PEM, or not a ``kind`` key)."""
     try:
         data = Path(path).read_bytes()
     except OSError as exc:
@@ -48,9 +50,13 @@ def load_private_key(path: str | os.PathLike[str]) -> Ed25519PrivateKey:
         key = serialization.load_pem_private_key(data, password=None)
     except (ValueError, TypeError):
         raise ConfigError("not an unencrypted PEM private key", file=str(path)) from None
-    if not isinstance(key, Ed25519PrivateKey):
-        raise ConfigError("private key is not an Ed25519 key", file=str(path))
+    if not accepts(key):
+        raise ConfigError(f"private key is not an {kind} key", file=str(path))
     return key
+
+
+def load_private_key(path: str | os.PathLike[str]) -> Ed25519PrivateKey:
+    return read_pem_private_key(path, lambda k: isinstance(k, Ed25519PrivateKey), "Ed25519")
 
 
 def public_key_b64(key: Ed25519PrivateKey | Ed25519PublicKey) -> str:
