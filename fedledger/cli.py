@@ -258,6 +258,14 @@ def ledger_verify(
             " certificate must be issued by a root CA of its MSP.",
         ),
     ] = None,
+    orderer_msp: Annotated[
+        list[str] | None,
+        typer.Option(
+            metavar="MSPID",
+            help="With --fabric-profile, the ordering service's MSP (repeatable): every block"
+            " must carry a valid signature of one of its members (give its --msp-ca too).",
+        ),
+    ] = None,
     public_key: Annotated[
         str | None,
         typer.Option(
@@ -290,10 +298,12 @@ def ledger_verify(
     if fabric_profile is not None:
         if public_key is not None or store is not None:
             raise typer.BadParameter("--public-key and --store apply to an embedded ledger")
-        _verify_fabric(fabric_profile, msp_ca or [], replay, as_json)
+        _verify_fabric(fabric_profile, msp_ca or [], orderer_msp or [], replay, as_json)
         return
-    if msp_ca:
-        raise typer.BadParameter("--msp-ca applies to a Fabric chain (--fabric-profile)")
+    if msp_ca or orderer_msp:
+        raise typer.BadParameter(
+            "--msp-ca and --orderer-msp apply to a Fabric chain (--fabric-profile)"
+        )
     from gateway import UpdateStore
     from ledger import EmbeddedLedger
 
@@ -327,14 +337,22 @@ def ledger_verify(
         raise typer.Exit(1)
 
 
-def _verify_fabric(profile: Path, msp_ca: list[str], replay: bool, as_json: bool) -> None:
+def _verify_fabric(
+    profile: Path, msp_ca: list[str], orderer_msp: list[str], replay: bool, as_json: bool
+) -> None:
     from ledger.fabric import connect, verify_chain
 
     from ._progress import BlockProgress
 
     roots = _msp_roots(msp_ca) if msp_ca else None
     with connect(profile) as client, BlockProgress(err) as progress:
-        report = verify_chain(client, replay=replay, msp_roots=roots, progress=progress.update)
+        report = verify_chain(
+            client,
+            replay=replay,
+            msp_roots=roots,
+            orderer_msps=orderer_msp,
+            progress=progress.update,
+        )
     if as_json:
         console.print_json(json.dumps(report.to_dict()))
     elif report.ok:
@@ -342,6 +360,8 @@ def _verify_fabric(profile: Path, msp_ca: list[str], replay: bool, as_json: bool
         what += (", contract replay" if replay else "") + ", contract invariants"
         if roots:
             what += f", certificates of {', '.join(sorted(roots))}"
+        if orderer_msp:
+            what += f", block signatures of {', '.join(sorted(orderer_msp))}"
         console.print(
             f"[green]ok[/]: {report.blocks} blocks of {report.channel},"
             f" {report.transactions} {report.chaincode} transactions ({report.invalid} invalid,"
@@ -964,13 +984,22 @@ def bench_ingest(
             " report the TLS cost (plain / TLS rate).",
         ),
     ] = False,
+    secure: Annotated[
+        bool,
+        typer.Option(
+            "--secure",
+            help="Also send the same updates certificate-signed (ECDSA P-256) and sealed"
+            " (X25519) through a gateway requiring both, and time the validator alone on"
+            " each kind; report the cost (Ed25519 plain / secure rate).",
+        ),
+    ] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON only.")] = False,
 ) -> None:
     """Signed updates per second through Mosquitto and the gateway into SQLite, beside the
     rate at which Mosquitto alone passes the same messages (both measured now)."""
     from bench.ingest import run
 
-    _print_bench(run(messages=messages, size=size, tls=tls), as_json)
+    _print_bench(run(messages=messages, size=size, tls=tls, secure=secure), as_json)
 
 
 @bench_app.command("ledger")

@@ -27,7 +27,13 @@ problem, which names the block (and the transaction):
   accepted updates, which match its ``accepted`` count; every contribution from a device
   registered in an earlier block and not revoked before it.
 
-Not checked: orderer signatures (``SIGNATURES`` metadata) and the peer's ``COMMIT_HASH``,
+- given ``orderer_msps``, every block (but the genesis block) carries at least one orderer
+  signature (``SIGNATURES`` metadata) that verifies: by a member of one of those MSPs (issued
+  by one of its roots, given ``msp_roots``), over the metadata value, the signature header and
+  the block header's DER bytes, as Fabric's ``BlockSignatureVerifier`` computes it.
+
+Not checked: BFT signatures that name their signer by consenter id (``identifier_header``;
+they need the channel config's consenter list), the peer's ``COMMIT_HASH``,
 range-query (phantom read) information, private data, certificate chains through
 intermediate CAs, and which transactions the peer flagged invalid, beyond the consequences
 a wrongly flagged one has on later transactions.
@@ -72,6 +78,7 @@ log = logging.getLogger(__name__)
 
 VALID = transaction_pb2.TxValidationCode.Value("VALID")
 _FILTER = common_pb2.BlockMetadataIndex.Value("TRANSACTIONS_FILTER")
+_SIGNATURES = common_pb2.BlockMetadataIndex.Value("SIGNATURES")
 _ENDORSER_TRANSACTION = common_pb2.HeaderType.Value("ENDORSER_TRANSACTION")
 _TRANSACTIONS = FedLedgerContract.transactions()
 
@@ -182,8 +189,10 @@ class _Checker:
         chaincode: str,
         replay: bool,
         msp_roots: Mapping[str, Sequence[x509.Certificate]] | None,
+        orderer_msps: Sequence[str] = (),
     ):
         self.channel = channel
+        self.orderer_msps = frozenset(orderer_msps)
         self.chaincode = chaincode
         self.replay = replay
         self.msp_roots = msp_roots
@@ -209,6 +218,8 @@ class _Checker:
         if block_data_hash(block.data) != header.data_hash:
             raise ChainError(expected, "data hash does not match the transactions")
         metadata = block.metadata.metadata
+        if self.orderer_msps and expected > 0:
+            self.orderer_signed(expected, header, metadata)
         codes = metadata[_FILTER] if len(metadata) > _FILTER else b""
         if len(codes) != len(block.data.data):
             raise ChainError(
@@ -219,6 +230,33 @@ class _Checker:
         for index, (raw, code) in enumerate(zip(block.data.data, codes, strict=True)):
             self.envelope(expected, index, raw, code)
         return block_header_hash(header)
+
+    def orderer_signed(self, height: int, header: common_pb2.BlockHeader, metadata) -> None:
+        """Raise unless one signature in the block's SIGNATURES metadata is an orderer's."""
+        try:
+            signatures = common_pb2.Metadata.FromString(
+                metadata[_SIGNATURES] if len(metadata) > _SIGNATURES else b""
+            )
+        except DecodeError:
+            raise ChainError(height, "the SIGNATURES metadata is not readable") from None
+        header_bytes = block_header_bytes(header)
+        for entry in signatures.signatures:
+            if not entry.signature_header:
+                continue  # BFT: signer named by consenter id (not checked; see module doc)
+            try:
+                creator = common_pb2.SignatureHeader.FromString(entry.signature_header).creator
+                msp_id = identities_pb2.SerializedIdentity.FromString(creator).mspid
+            except DecodeError:
+                continue
+            if msp_id not in self.orderer_msps:
+                continue
+            signed = signatures.value + entry.signature_header + header_bytes
+            try:
+                self.check_signature(creator, entry.signature, signed, "orderer")
+            except (ValueError, _Untrusted):
+                continue
+            return
+        raise ChainError(height, "no valid orderer signature on the block")
 
     def envelope(self, height: int, index: int, raw: bytes, code: int) -> None:
         try:
@@ -573,15 +611,23 @@ def verify_blocks(
     chaincode: str,
     replay: bool = True,
     msp_roots: Mapping[str, Sequence[x509.Certificate]] | None = None,
+    orderer_msps: Sequence[str] = (),
     total: int = 0,
     progress: Progress | None = None,
 ) -> FabricVerifyReport:
     """Check ``blocks`` (the whole chain, from block 0, in order); see the module docstring.
 
     ``msp_roots`` maps MSP ids to their root CA certificates; given, every creator and
-    endorser certificate must be issued directly by one of its MSP's roots.
+    endorser certificate must be issued directly by one of its MSP's roots. ``orderer_msps``
+    names the ordering service's MSPs; given, every block must carry an orderer signature.
     """
-    checker = _Checker(channel=channel, chaincode=chaincode, replay=replay, msp_roots=msp_roots)
+    checker = _Checker(
+        channel=channel,
+        chaincode=chaincode,
+        replay=replay,
+        msp_roots=msp_roots,
+        orderer_msps=orderer_msps,
+    )
     count = records = 0
     previous: bytes | None = None
 
@@ -624,6 +670,7 @@ def verify_chain(
     *,
     replay: bool = True,
     msp_roots: Mapping[str, Sequence[x509.Certificate]] | None = None,
+    orderer_msps: Sequence[str] = (),
     progress: Progress | None = None,
     timeout: float | None = None,
 ) -> FabricVerifyReport:
@@ -641,6 +688,7 @@ def verify_chain(
             chaincode=client.chaincode,
             replay=replay,
             msp_roots=msp_roots,
+            orderer_msps=orderer_msps,
             total=height,
             progress=progress,
         )

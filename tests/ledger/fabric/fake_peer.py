@@ -45,6 +45,7 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import json
+import os
 import queue
 import threading
 from collections import namedtuple
@@ -173,8 +174,8 @@ class Block:
     proto: common_pb2.Block | None = None
 
 
-def header_hash(header: common_pb2.BlockHeader) -> bytes:
-    """SHA-256 of the DER ``SEQUENCE {INTEGER, OCTET STRING, OCTET STRING}`` of a header."""
+def header_der(header: common_pb2.BlockHeader) -> bytes:
+    """The DER ``SEQUENCE {INTEGER, OCTET STRING, OCTET STRING}`` of a header."""
 
     def tlv(tag: int, body: bytes) -> bytes:
         n = len(body)
@@ -190,26 +191,50 @@ def header_hash(header: common_pb2.BlockHeader) -> bytes:
     if not number or number[0] & 0x80:
         number = b"\x00" + number
     body = tlv(2, number) + tlv(4, header.previous_hash) + tlv(4, header.data_hash)
-    return hashlib.sha256(tlv(0x30, body)).digest()
+    return tlv(0x30, body)
+
+
+def header_hash(header: common_pb2.BlockHeader) -> bytes:
+    """SHA-256 of the header's DER (Fabric's ``BlockHeaderHash``)."""
+    return hashlib.sha256(header_der(header)).digest()
 
 
 def make_block(
-    number: int, previous: common_pb2.Block | None, envelopes: list[bytes], codes: list[int]
+    number: int,
+    previous: common_pb2.Block | None,
+    envelopes: list[bytes],
+    codes: list[int],
+    orderer: Member | None = None,
 ) -> common_pb2.Block:
-    """A block as a Fabric 2.x orderer and committer leave it."""
-    last_config = common_pb2.Metadata(
-        value=common_pb2.LastConfig(index=0).SerializeToString()
-    ).SerializeToString()
+    """A block as a Fabric 2.x orderer and committer leave it; ``orderer`` signs it the way
+    a Raft orderer does (over metadata value, signature header and header DER)."""
+    last_config = common_pb2.LastConfig(index=0).SerializeToString()
     metadata = [b""] * len(common_pb2.BlockMetadataIndex.keys())
-    metadata[common_pb2.BlockMetadataIndex.Value("SIGNATURES")] = last_config
-    metadata[common_pb2.BlockMetadataIndex.Value("LAST_CONFIG")] = last_config
+    metadata[common_pb2.BlockMetadataIndex.Value("LAST_CONFIG")] = common_pb2.Metadata(
+        value=last_config
+    ).SerializeToString()
     metadata[common_pb2.BlockMetadataIndex.Value("TRANSACTIONS_FILTER")] = bytes(codes)
+    header = common_pb2.BlockHeader(
+        number=number,
+        previous_hash=b"" if previous is None else header_hash(previous.header),
+        data_hash=hashlib.sha256(b"".join(envelopes)).digest(),
+    )
+    signatures = common_pb2.Metadata(value=last_config)
+    if orderer is not None:
+        signature_header = common_pb2.SignatureHeader(
+            creator=identities_pb2.SerializedIdentity(
+                mspid=orderer.msp_id, id_bytes=orderer.cert_pem
+            ).SerializeToString(),
+            nonce=os.urandom(24),
+        ).SerializeToString()
+        signed = last_config + signature_header + header_der(header)
+        signatures.signatures.add(
+            signature_header=signature_header,
+            signature=orderer.signer(hashlib.sha256(signed).digest()),
+        )
+    metadata[common_pb2.BlockMetadataIndex.Value("SIGNATURES")] = signatures.SerializeToString()
     return common_pb2.Block(
-        header=common_pb2.BlockHeader(
-            number=number,
-            previous_hash=b"" if previous is None else header_hash(previous.header),
-            data_hash=hashlib.sha256(b"".join(envelopes)).digest(),
-        ),
+        header=header,
         data=common_pb2.BlockData(data=envelopes),
         metadata=common_pb2.BlockMetadata(metadata=metadata),
     )
@@ -241,12 +266,15 @@ class FakePeer(gateway_pb2_grpc.GatewayServicer, events_pb2_grpc.DeliverServicer
         trusted: dict[str, x509.Certificate],
         address: str = "peer0.org1.example.com:7051",
         extra_functions: dict[str, Callable[..., Any]] | None = None,
+        orderer: Member | None = None,
     ):
         self.channel = channel
         self.chaincode = chaincode
         self.peer = peer
         self.trusted = trusted
         self.address = address
+        #: The ordering service member that signs each new block (None: unsigned blocks).
+        self.orderer = orderer
         self.functions = {n: fn for n, (fn, _) in FedLedgerContract.transactions().items()}
         self.functions.update(extra_functions or {})
         self.world = MemoryWorldState()
@@ -648,7 +676,9 @@ class FakePeer(gateway_pb2_grpc.GatewayServicer, events_pb2_grpc.DeliverServicer
                     except MVCCConflictError as exc:
                         code = transaction_pb2.TxValidationCode.Value(exc.code)
                 block.txs.append((tx_id, code, endorsed.ctx.event if code == VALID else None))
-                block.proto = make_block(block.number, self._blocks[-1].proto, [envelope], [code])
+                block.proto = make_block(
+                    block.number, self._blocks[-1].proto, [envelope], [code], self.orderer
+                )
                 self._blocks.append(block)
                 self._status.setdefault(tx_id, (code, block.number))
                 self._cond.notify_all()

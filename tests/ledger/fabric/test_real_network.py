@@ -145,3 +145,12 @@ def test_the_channel_verifies_from_its_genesis_block(client):
     assert report.ok, f"block {report.first_bad_height}: {report.problem}"
     assert report.blocks == seen[-1] > 1
     assert report.transactions >= 1 and report.endorsements >= report.transactions
+
+
+def test_the_orderers_signed_every_block(client):
+    """Set FEDLEDGER_FABRIC_ORDERER_MSP (e.g. OrdererMSP) to check block signatures too."""
+    msp_id = os.environ.get("FEDLEDGER_FABRIC_ORDERER_MSP")
+    if not msp_id:
+        pytest.skip("set FEDLEDGER_FABRIC_ORDERER_MSP to check the orderers' block signatures")
+    report = verify_chain(client, orderer_msps=[msp_id])
+    assert report.ok, f"block {report.first_bad_height}: {report.problem}"

@@ -475,3 +475,91 @@ def test_a_write_that_is_not_json_is_named_without_replay(client, peer, admin, p
     assert verify(peer, blocks=blocks).problem.endswith(
         "write set differs from what the contract writes"
     )
+
+
+# ---------------------------------------------------------------------------- orderer signatures
+
+
+@pytest.fixture(scope="module")
+def orderer_ca():
+    from .pki import CertificateAuthority
+
+    return CertificateAuthority("ca.example.com", "example.com")
+
+
+@pytest.fixture(scope="module")
+def orderer(orderer_ca):
+    return orderer_ca.issue("orderer0.example.com", msp_id="OrdererMSP")
+
+
+def verify_orderer(blocks, roots):
+    return verify_blocks(
+        blocks,
+        channel=CHANNEL,
+        chaincode=CHAINCODE,
+        msp_roots=roots,
+        orderer_msps=["OrdererMSP"],
+    )
+
+
+def test_blocks_signed_by_the_orderer_verify(client, peer, orderer, orderer_ca, org1_ca):
+    peer.orderer = orderer
+    register(client, "dev-1")
+    register(client, "dev-2")
+    roots = {"OrdererMSP": [orderer_ca.cert], "Org1MSP": [org1_ca.cert]}
+    report = verify_orderer(peer.blocks(), roots)
+    assert report.ok, report.problem
+    assert report.blocks == 3
+
+
+def test_an_unsigned_or_forged_block_is_named(client, peer, orderer, orderer_ca, org1_ca):
+    roots = {"OrdererMSP": [orderer_ca.cert], "Org1MSP": [org1_ca.cert]}
+    register(client, "dev-1")  # block 1: the orderer signed nothing yet
+    peer.orderer = orderer
+    register(client, "dev-2")
+    report = verify_orderer(peer.blocks(), roots)
+    assert (report.first_bad_height, report.problem) == (
+        1,
+        "no valid orderer signature on the block",
+    )
+    # Without an orderer MSP to check, the same chain verifies (signatures are opt-in).
+    assert verify_blocks(peer.blocks(), channel=CHANNEL, chaincode=CHAINCODE).ok
+
+    # A signature over another header (the block re-chained after a change) is refused.
+    blocks = peer.blocks()[:1] + peer.blocks()[2:]
+    report = verify_orderer(blocks, roots)
+    assert report.first_bad_height == 1
+
+
+def test_a_signature_by_a_non_orderer_or_untrusted_key_is_refused(
+    client, peer, orderer_ca, org1_ca, peer_member, rogue_ca
+):
+    # A peer of Org1 signing blocks is not the ordering service.
+    peer.orderer = peer_member
+    register(client, "dev-1")
+    roots = {"OrdererMSP": [orderer_ca.cert], "Org1MSP": [org1_ca.cert]}
+    assert not verify_orderer(peer.blocks(), roots).ok
+    # An "orderer" certificate from a CA the OrdererMSP does not have.
+    peer.orderer = rogue_ca.issue("orderer0.example.com", msp_id="OrdererMSP")
+    register(client, "dev-2")
+    report = verify_orderer(peer.blocks()[:1] + peer.blocks()[2:], roots)
+    assert not report.ok
+
+
+def test_the_command_line_checks_orderer_signatures(
+    tmp_path, client, peer, peer_server, admin, orderer, orderer_ca, org1_ca
+):
+    peer.orderer = orderer
+    register(client, "dev-1")
+    profile = write_profile(tmp_path, admin, peer_server.target)
+    (tmp_path / "orderer.pem").write_bytes(orderer_ca.cert_pem)
+    (tmp_path / "org1.pem").write_bytes(org1_ca.cert_pem)
+    args = ("--fabric-profile", str(profile), "--msp-ca", f"Org1MSP={tmp_path / 'org1.pem'}")
+    orderers = ("--orderer-msp", "OrdererMSP")
+    done = run_cli(*args, *orderers, "--msp-ca", f"OrdererMSP={tmp_path / 'orderer.pem'}")
+    assert done.returncode == 0, done.stderr
+    assert "block signatures of OrdererMSP" in done.stdout
+    # With the wrong root for the orderers, block 1's signature is not trusted.
+    done = run_cli(*args, *orderers, "--msp-ca", f"OrdererMSP={tmp_path / 'org1.pem'}")
+    assert done.returncode == 1
+    assert "no valid orderer signature" in done.stderr
