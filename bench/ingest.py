@@ -31,10 +31,42 @@ ones by the TLS (and ACL) cost alone, not by a different client topology; the ga
 verifies every update's device signature. Each TLS measurement gets a fresh broker (the
 baseline subscriber's persistent session would otherwise keep matching the gateway run's
 topics). ``tls_cost_*`` = plain rate / TLS rate.
+
+With ``secure=True`` the same run also sends the same K updates (the same tensors, headers
+and counters) as a secure site's devices do (``provision(secure=True)``): signed with each
+device's certificate key (ECDSA P-256, its ~500-byte DER certificate in the frame) and
+sealed to the gateway's X25519 key (X25519 + HKDF-SHA256 + AES-256-GCM). The frames are
+built and sealed before any clock starts, so every figure is the receiving side's cost.
+
+``gateway_secure_msgs_per_s``
+    As ``gateway_msgs_per_s``, through a gateway configured like a secure site's: devices
+    admitted by certificate fingerprint, the temporary CA and its CRL as ``trust``, the
+    X25519 key as ``decryption_key``, ``require_encryption`` on. Every frame's certificate
+    chain (CA signature, validity, CN = sender, CRL) and ECDSA signature are checked and
+    its payload opened before the same payload checks, SQLite commit and FedAvg. Each device
+    sends one update, so every certificate is new to the gateway: the figure is a fleet's
+    first updates (``CertificateTrust`` caches a verified certificate by fingerprint, so a
+    device's later updates skip the CA-signature check). It runs on a fresh open broker,
+    after the plain path, over plain MQTT even with ``tls=True``, so it differs from
+    ``gateway_msgs_per_s`` by the frame kind alone.
+``secure_cost_gateway``
+    ``gateway_msgs_per_s / gateway_secure_msgs_per_s``: how many times longer an update
+    takes end to end on the secure path than on the plain Ed25519 path, measured in the
+    same run (with every update accepted on both paths, the ratio of the two times).
+``validator_msgs_per_s``, ``validator_secure_msgs_per_s``
+    ``UpdateValidator.check`` alone, no MQTT, SQLite or ledger: frames per second over the K
+    plain frames, and over the K secure frames with a fresh ``CertificateTrust`` (every
+    chain checked, as on the gateway path); best of three passes each.
+    ``validator_secure_cached_msgs_per_s`` is one more pass once the trust has verified
+    every certificate (a device's later updates); ``secure_cost_validator`` = plain / secure
+    (fresh) validator rate.
+``message_bytes_secure``
+    The mean secure frame size, beside ``message_bytes`` for the plain frames.
 """
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import dataclasses
 import queue
@@ -43,19 +75,28 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
 from fedcore import (
+    ALG_ECDSA_P256,
     DEFAULT_MAX_MESSAGE_BYTES,
+    CertificateTrust,
     MqttSettings,
     MqttTransport,
     TaskSpec,
     UpdateHeader,
+    certificate_der,
+    certificate_fingerprint,
+    certificate_signer,
     encode_tensors,
     encode_update,
     generate_key,
     init_params,
+    load_x25519_private_key,
     model_hash,
     presence_topic,
     public_key_b64,
@@ -67,12 +108,17 @@ from fedledger._broker import MosquittoBroker, SecureBrokerFiles
 
 from ._timing import sig
 
+if TYPE_CHECKING:
+    from gateway import DeviceRegistry
+
 TASK_ID = "bench-ingest"
 N_CLASSES = 2
 TIME_LIMIT_S = 120.0
 CONNECT_TIMEOUT_S = 10.0
 _SEED = 20240601
 _BASELINE_TOPIC = "fedledger-bench/baseline"
+#: Passes of the validator over every frame (``--secure``); the fastest one is reported.
+_VALIDATOR_REPEATS = 3
 
 
 def _task(n_features: int) -> TaskSpec:
@@ -87,14 +133,15 @@ def _task(n_features: int) -> TaskSpec:
     )
 
 
-def _frames(
-    task: TaskSpec, devices: Sequence[str], keys: dict, rng: np.random.Generator
-) -> list[bytes]:
-    """One signed int8 update per device for round 0, trained (nominally) from round 0's model."""
+def _updates(
+    task: TaskSpec, devices: Sequence[str], rng: np.random.Generator
+) -> list[tuple[UpdateHeader, bytes]]:
+    """One int8 update (header, payload) per device for round 0, trained (nominally) from
+    round 0's model; not yet signed, so the plain and secure frames carry the same tensors."""
     spec = task.model_spec()
     base = model_hash(init_params(spec))
     shapes = spec.shapes()
-    frames = []
+    updates = []
     for device in devices:
         delta = {
             name: (rng.standard_normal(shape, dtype=np.float32) * np.float32(0.01))
@@ -109,9 +156,19 @@ def _frames(
             codec="int8",
             counter=0,
         )
-        payload = encode_tensors(delta, "int8")
-        frames.append(encode_update(header, payload, signer_from_key(keys[device])))
-    return frames
+        updates.append((header, encode_tensors(delta, "int8")))
+    return updates
+
+
+def _frames(
+    task: TaskSpec, devices: Sequence[str], keys: dict, rng: np.random.Generator
+) -> list[bytes]:
+    """One Ed25519-signed int8 update per device (see ``_updates``)."""
+    return _signed(_updates(task, devices, rng), keys)
+
+
+def _signed(updates: Sequence[tuple[UpdateHeader, bytes]], keys: dict) -> list[bytes]:
+    return [encode_update(h, p, signer_from_key(keys[h.device])) for h, p in updates]
 
 
 def _n_features_for(size: int, devices: Sequence[str], keys: dict) -> int:
@@ -181,6 +238,80 @@ class _TlsBroker(MosquittoBroker):
             handle.write("# Benchmark: the same queue limits as the open broker.\n")
             handle.write(_QUEUE_LIMITS)
         return conf
+
+
+@dataclasses.dataclass(frozen=True)
+class _SecureSite:
+    """What ``provision(secure=True)`` gives a gateway and its devices, in a temporary
+    directory: an organisation CA with its (empty) CRL, one device certificate (EC P-256,
+    CN = device id, the profile ``fedledger pki issue device`` writes) and key per device,
+    and the gateway's X25519 sealing key.
+
+    The device certificates are built in memory with the CA's own leaf builder rather than
+    by ``issue``, which locks, rewrites ``index.json`` and fsyncs three files per
+    certificate: for 2000 devices that setup would dwarf the measurement.
+    """
+
+    ca: Path
+    crl: Path
+    keys: dict[str, ec.EllipticCurvePrivateKey]
+    certificates: dict[str, bytes]  # device -> DER
+    sealing: X25519PrivateKey
+
+    @classmethod
+    def create(cls, directory: Path, devices: Sequence[str]) -> _SecureSite:
+        import datetime as dt
+
+        from fedledger._pki import (
+            LEAF_DAYS,
+            _build_leaf,
+            _load_ca,
+            ca_cert_path,
+            crl_path,
+            init_ca,
+            x25519_key,
+        )
+
+        init_ca(directory, "bench")
+        ca = _load_ca(directory)
+        now = dt.datetime.now(dt.timezone.utc).replace(microsecond=0)
+        keys, certificates = {}, {}
+        for device in devices:
+            key = ec.generate_private_key(ec.SECP256R1())
+            cert = _build_leaf(ca, key, "device", device, days=LEAF_DAYS, dns=(), ips=(), now=now)
+            keys[device], certificates[device] = key, certificate_der(cert)
+        sealing = load_x25519_private_key(x25519_key(directory, _GATEWAY).key)
+        return cls(ca_cert_path(directory), crl_path(directory), keys, certificates, sealing)
+
+    def registry(self) -> DeviceRegistry:
+        """Devices admitted by certificate only (no Ed25519 keys), as in a secure site."""
+        from gateway import DeviceRegistry
+
+        fingerprints = {d: certificate_fingerprint(der) for d, der in self.certificates.items()}
+        return DeviceRegistry({}, certificates=fingerprints)
+
+    def gateway_options(self) -> dict[str, Any]:
+        """The gateway's ``ca``, ``crl``, ``encryption_key`` and ``require_encryption``; a
+        fresh ``CertificateTrust`` each time, so no certificate starts out verified."""
+        return {
+            "trust": CertificateTrust.load(self.ca, self.crl),
+            "decryption_key": self.sealing,
+            "require_encryption": True,
+        }
+
+    def frames(self, updates: Sequence[tuple[UpdateHeader, bytes]]) -> list[bytes]:
+        """The updates signed with each device's certificate key (certificate in the frame)
+        and sealed to the gateway's X25519 key, as a secure site's agents send them."""
+        recipient = self.sealing.public_key()
+        frames = []
+        for header, payload in updates:
+            der = self.certificates[header.device]
+            signed = dataclasses.replace(
+                header, alg=ALG_ECDSA_P256, cert=base64.b64encode(der).decode("ascii")
+            )
+            signer = certificate_signer(self.keys[header.device])
+            frames.append(encode_update(signed, payload, signer, seal_to=recipient))
+        return frames
 
 
 def _transport(broker: MosquittoBroker, client_id: str, tls: _Tls | None = None) -> MqttTransport:
@@ -296,15 +427,24 @@ def _gateway_path(
     frames: Sequence[bytes],
     workdir: Path,
     tls: _Tls | None = None,
+    secure: _SecureSite | None = None,
 ) -> tuple[float, int, dict[str, int]]:
-    """Through the gateway: (seconds, accepted, rejected by reason)."""
-    from gateway import DeviceRegistry, Gateway, UpdateStore
+    """Through the gateway: (seconds, accepted, rejected by reason).
+
+    With ``secure`` the gateway admits the devices by certificate and trusts the site's CA
+    and CRL, holds its sealing key and requires sealed payloads (``frames`` must be the
+    site's frames)."""
+    from gateway import Gateway, UpdateStore
     from ledger import EmbeddedLedger, Identity
 
     devices = list(keys)
     gateway_key = generate_key()
     signer = signer_from_key(gateway_key)
-    registry = DeviceRegistry({d: public_key_b64(k) for d, k in keys.items()})
+    if secure is None:
+        registry = _plain_registry(keys)
+        security: dict[str, Any] = {}
+    else:
+        registry, security = secure.registry(), secure.gateway_options()
     store = UpdateStore(workdir / "store.sqlite")
     try:
         ledger = EmbeddedLedger(
@@ -321,9 +461,10 @@ def _gateway_path(
         registry=registry,
         signer=signer,
         evaluation=None,
-        max_message_bytes=max(DEFAULT_MAX_MESSAGE_BYTES, 2 * max(len(f) for f in frames)),
+        max_message_bytes=_max_message_bytes(frames),
         # the site's admin registers the devices and the task on the ledger (untimed)
         admin=Identity(msp_id="org1", subject="admin", role="admin"),
+        **security,
     )
     publisher = _transport(broker, _GATEWAY_PUB, tls)
     # Over TLS the publisher may write update topics only: a device announces the presence.
@@ -365,6 +506,65 @@ def _gateway_path(
         gateway.close()
 
 
+def _max_message_bytes(frames: Sequence[bytes]) -> int:
+    return max(DEFAULT_MAX_MESSAGE_BYTES, 2 * max(len(f) for f in frames))
+
+
+def _secure_gateway(
+    task: TaskSpec, keys: dict, site: _SecureSite, frames: Sequence[bytes], workdir: Path
+) -> tuple[float, int, dict[str, int]]:
+    """The secure frames through a gateway configured like a secure site's, on a fresh open
+    broker (the plain gateway's broker may still hold its session)."""
+    gateway_dir = workdir / "gateway-secure"
+    gateway_dir.mkdir()
+    with MosquittoBroker() as broker:
+        return _gateway_path(broker, task, keys, frames, gateway_dir, secure=site)
+
+
+def _validator_seconds(
+    task: TaskSpec,
+    devices: Sequence[str],
+    registry: DeviceRegistry,
+    frames: Sequence[bytes],
+    repeats: int,
+    options: Callable[[], dict[str, Any]],
+) -> tuple[float, float]:
+    """``UpdateValidator.check`` alone over every frame (decode, signature, certificate chain
+    and CRL, unseal, payload checks; no MQTT, SQLite or ledger): the best of ``repeats`` passes
+    of a fresh validator (``options()`` each time, so a ``CertificateTrust`` starts with no
+    certificate verified), then one more pass of the last validator, whose trust has now
+    verified every certificate. Returns (best fresh pass, cached pass) in seconds; a frame the
+    validator refuses raises, so the figures are for accepted frames only."""
+    from gateway import RoundContext, UpdateValidator
+
+    spec = task.model_spec()
+    ctx = RoundContext(
+        round=0,
+        base=model_hash(init_params(spec)),
+        has_update=lambda device: False,
+        last_counter=lambda device: -1,
+    )
+    topics = [update_topic(task.id, device) for device in devices]
+
+    def one_pass(validator: UpdateValidator) -> float:
+        start = time.perf_counter()
+        for topic, frame in zip(topics, frames, strict=True):
+            validator.check(topic, frame, ctx)
+        return time.perf_counter() - start
+
+    best = float("inf")
+    for _ in range(repeats):
+        validator = UpdateValidator(
+            task=task.id,
+            registry=registry,
+            shapes=spec.shapes(),
+            max_message_bytes=_max_message_bytes(frames),
+            **options(),
+        )
+        best = min(best, one_pass(validator))
+    return best, one_pass(validator)
+
+
 def _tls_figures(
     task: TaskSpec, keys: dict, frames: Sequence[bytes], workdir: Path
 ) -> tuple[float, int, float, int, dict[str, int]]:
@@ -379,15 +579,27 @@ def _tls_figures(
     return mosquitto_s, delivered, gateway_s, accepted, rejected
 
 
-def _cost(plain_rate: float, tls_rate: float) -> float | None:
-    return sig(plain_rate / tls_rate, 3) if tls_rate > 0 else None
+def _cost(plain_rate: float, other_rate: float) -> float | None:
+    """How many times longer an update takes on the other path: plain rate / its rate."""
+    return sig(plain_rate / other_rate, 3) if other_rate > 0 else None
 
 
-def run(*, messages: int = 2000, size: int = 10_240, tls: bool = False) -> dict:
+def _plain_registry(keys: dict) -> DeviceRegistry:
+    from gateway import DeviceRegistry
+
+    return DeviceRegistry({d: public_key_b64(k) for d, k in keys.items()})
+
+
+def run(
+    *, messages: int = 2000, size: int = 10_240, tls: bool = False, secure: bool = False
+) -> dict:
     """Send ``messages`` signed updates of about ``size`` bytes; return both rates as a dict.
 
     ``tls=True`` also measures both rates over mutual TLS (see the module docstring) and adds
     the ``*_tls`` figures and ``tls_cost_mosquitto``/``tls_cost_gateway`` (plain / TLS rate).
+    ``secure=True`` also sends the same updates certificate-signed and sealed through a
+    gateway that requires it, and times the validator alone on both kinds of frame (see the
+    module docstring for the ``*_secure`` and ``validator_*`` figures).
     """
     if messages < 1 or size < 1:
         raise ValueError("messages and size must be at least 1")
@@ -395,14 +607,33 @@ def run(*, messages: int = 2000, size: int = 10_240, tls: bool = False) -> dict:
     devices = [f"dev-{i:05d}" for i in range(messages)]
     keys = {device: generate_key() for device in devices}
     task = _task(_n_features_for(size, devices, keys))
-    frames = _frames(task, devices, keys, rng)
+    updates = _updates(task, devices, rng)
+    frames = _signed(updates, keys)
     message_bytes = round(sum(map(len, frames)) / len(frames))
 
-    with MosquittoBroker() as broker, tempfile.TemporaryDirectory(prefix="fedledger-bench-") as d:
-        mosquitto_s, delivered = _baseline(broker, frames)
-        gateway_s, accepted, rejected = _gateway_path(broker, task, keys, frames, Path(d))
+    with tempfile.TemporaryDirectory(prefix="fedledger-bench-") as tmp:
+        d = Path(tmp)
+        if secure:  # every frame built and sealed before any clock starts
+            site = _SecureSite.create(d / "secure-pki", devices)
+            secure_frames = site.frames(updates)
+        with MosquittoBroker() as broker:
+            mosquitto_s, delivered = _baseline(broker, frames)
+            gateway_s, accepted, rejected = _gateway_path(broker, task, keys, frames, d)
         if tls:
-            tls_figures = _tls_figures(task, keys, frames, Path(d))
+            tls_figures = _tls_figures(task, keys, frames, d)
+        if secure:
+            secure_gateway = _secure_gateway(task, keys, site, secure_frames, d)
+            validator_s, _ = _validator_seconds(
+                task, devices, _plain_registry(keys), frames, _VALIDATOR_REPEATS, dict
+            )
+            validator_secure_s, validator_cached_s = _validator_seconds(
+                task,
+                devices,
+                site.registry(),
+                secure_frames,
+                _VALIDATOR_REPEATS,
+                site.gateway_options,
+            )
 
     mosquitto_rate = delivered / mosquitto_s
     gateway_rate = accepted / gateway_s
@@ -420,25 +651,47 @@ def run(*, messages: int = 2000, size: int = 10_240, tls: bool = False) -> dict:
         "accepted": accepted,
         "rejected": dict(sorted(rejected.items())),
     }
-    if not tls:
-        return result
-    tls_mosquitto_s, tls_delivered, tls_gateway_s, tls_accepted, tls_rejected = tls_figures
-    tls_mosquitto_rate = tls_delivered / tls_mosquitto_s
-    tls_gateway_rate = tls_accepted / tls_gateway_s
-    tls_ratio = sig(tls_gateway_rate / tls_mosquitto_rate, 3) if tls_mosquitto_rate > 0 else None
-    result.update(
-        {
-            "tls": True,
-            "mosquitto_tls_msgs_per_s": sig(tls_mosquitto_rate),
-            "gateway_tls_msgs_per_s": sig(tls_gateway_rate),
-            "ratio_gateway_to_mosquitto_tls": tls_ratio,
-            "mosquitto_tls_s": sig(tls_mosquitto_s),
-            "gateway_tls_s": sig(tls_gateway_s),
-            "delivered_tls": tls_delivered,
-            "accepted_tls": tls_accepted,
-            "rejected_tls": dict(sorted(tls_rejected.items())),
-            "tls_cost_mosquitto": _cost(mosquitto_rate, tls_mosquitto_rate),
-            "tls_cost_gateway": _cost(gateway_rate, tls_gateway_rate),
-        }
-    )
+    if tls:
+        tls_mosquitto_s, tls_delivered, tls_gateway_s, tls_accepted, tls_rejected = tls_figures
+        tls_mosquitto_rate = tls_delivered / tls_mosquitto_s
+        tls_gateway_rate = tls_accepted / tls_gateway_s
+        tls_ratio = (
+            sig(tls_gateway_rate / tls_mosquitto_rate, 3) if tls_mosquitto_rate > 0 else None
+        )
+        result.update(
+            {
+                "tls": True,
+                "mosquitto_tls_msgs_per_s": sig(tls_mosquitto_rate),
+                "gateway_tls_msgs_per_s": sig(tls_gateway_rate),
+                "ratio_gateway_to_mosquitto_tls": tls_ratio,
+                "mosquitto_tls_s": sig(tls_mosquitto_s),
+                "gateway_tls_s": sig(tls_gateway_s),
+                "delivered_tls": tls_delivered,
+                "accepted_tls": tls_accepted,
+                "rejected_tls": dict(sorted(tls_rejected.items())),
+                "tls_cost_mosquitto": _cost(mosquitto_rate, tls_mosquitto_rate),
+                "tls_cost_gateway": _cost(gateway_rate, tls_gateway_rate),
+            }
+        )
+    if secure:
+        secure_s, secure_accepted, secure_rejected = secure_gateway
+        secure_rate = secure_accepted / secure_s
+        n = len(frames)
+        validator_rate = n / validator_s
+        validator_secure_rate = n / validator_secure_s
+        result.update(
+            {
+                "secure": True,
+                "message_bytes_secure": round(sum(map(len, secure_frames)) / n),
+                "gateway_secure_msgs_per_s": sig(secure_rate),
+                "gateway_secure_s": sig(secure_s),
+                "accepted_secure": secure_accepted,
+                "rejected_secure": dict(sorted(secure_rejected.items())),
+                "secure_cost_gateway": _cost(gateway_rate, secure_rate),
+                "validator_msgs_per_s": sig(validator_rate),
+                "validator_secure_msgs_per_s": sig(validator_secure_rate),
+                "validator_secure_cached_msgs_per_s": sig(n / validator_cached_s),
+                "secure_cost_validator": _cost(validator_rate, validator_secure_rate),
+            }
+        )
     return result
