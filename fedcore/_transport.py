@@ -156,9 +156,13 @@ class _PahoLog(logging.LoggerAdapter):
     def log(self, level: int, msg: Any, *args: Any, **kwargs: Any) -> None:
         if level >= logging.ERROR:
             text = str(msg) % args if args else str(msg)
-            if not text.startswith("Client is not connected"):  # paho's idle loop, not a cause
+            if text.startswith("Client is not connected"):
+                # paho's loop going round once more without a socket: not a cause; after
+                # stop() it is the shutdown itself, worth no warning.
+                level = logging.DEBUG if self._transport._stopping else logging.WARNING
+            else:
                 self._transport._last_socket_error = text
-            level = logging.WARNING
+                level = logging.WARNING
         super().log(level, msg, *args, **kwargs)
 
 
