@@ -8,6 +8,7 @@ context exits, whatever the reason (an exception, Ctrl-C). By default the broker
 
 from __future__ import annotations
 
+import getpass
 import os
 import pwd
 import shutil
@@ -91,13 +92,17 @@ class MosquittoBroker:
         port: int | None = None,
         binary: str | None = None,
         secure: SecureBrokerFiles | None = None,
+        persistence: Path | None = None,
     ):
+        """``persistence``: a folder where the broker keeps sessions, subscriptions and queued
+        QoS 1 messages across restarts (as the production config does); None: kept nowhere."""
         self.host = host
         self.port = port or free_port(host)
         self.binary = binary or find_mosquitto()
         if self.binary is None:
             raise BrokerError(INSTALL_HINT)
         self.secure = secure
+        self.persistence = persistence
         self._dir: tempfile.TemporaryDirectory[str] | None = None
         self._proc: subprocess.Popen[bytes] | None = None
         self.log_path: Path | None = None
@@ -114,7 +119,17 @@ class MosquittoBroker:
                 [
                     f"listener {self.port} {self.host}",
                     "allow_anonymous true",
-                    "persistence false",
+                    *(
+                        ["persistence false"]
+                        if self.persistence is None
+                        else [
+                            "persistence true",
+                            f"persistence_location {self.persistence}/",
+                            # Started as root, Mosquitto would switch to user mosquitto and
+                            # could not write the folder: stay the user who owns it.
+                            f"user {getpass.getuser()}",
+                        ]
+                    ),
                     "log_dest stdout",
                     "log_type error",
                     "log_type warning",

@@ -1,5 +1,10 @@
 """Agents and gateway ride out a broker restart: both reconnect by themselves, resubscribe,
-and the task finishes."""
+and the task finishes.
+
+The broker keeps its sessions on disk, as every production config does (`fedledger broker
+config`, the Ansible role): an update an agent sends before the gateway is back is queued
+in the gateway's session instead of being dropped for want of a subscriber.
+"""
 
 from __future__ import annotations
 
@@ -17,7 +22,9 @@ pytestmark = pytest.mark.mqtt
 
 
 def test_broker_restart_mid_task(tmp_path, dataset):
-    broker = MosquittoBroker().start()
+    sessions = tmp_path / "mosquitto"
+    sessions.mkdir()
+    broker = MosquittoBroker(persistence=sessions).start()
     port = broker.port
     layout = provision(
         tmp_path / "site",
@@ -49,7 +56,7 @@ def test_broker_restart_mid_task(tmp_path, dataset):
 
         broker.stop()  # every client loses its connection
         time.sleep(1.0)
-        broker = MosquittoBroker(port=port).start()
+        broker = MosquittoBroker(port=port, persistence=sessions).start()
 
         end = time.monotonic() + 60
         while not gateway.finished and time.monotonic() < end:
