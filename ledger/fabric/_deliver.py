@@ -18,7 +18,6 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Iterator
-from types import TracebackType
 
 import grpc
 from fabric_protos.common import common_pb2
@@ -28,6 +27,7 @@ from google.protobuf import timestamp_pb2
 from ._errors import DeliverError, FabricError, from_rpc_error
 from ._identity import Hash, Identity, Signer, sha256
 from ._proposal import NONCE_BYTES
+from ._stream import CallStream
 
 #: Seconds the whole block stream may take (a long chain takes a while to download).
 DEFAULT_DELIVER_TIMEOUT = 300.0
@@ -89,7 +89,7 @@ def seek_envelope(
     return common_pb2.Envelope(payload=payload, signature=signer(hash(payload)))
 
 
-class BlockStream:
+class BlockStream(CallStream[common_pb2.Block]):
     """Iterate over ``common.Block`` messages; :meth:`close` (or leaving ``with``) ends it.
 
     Raises :class:`DeliverError` when the call fails (unreachable peer, timeout, access
@@ -98,29 +98,8 @@ class BlockStream:
     """
 
     def __init__(self, call: grpc.Call, *, start: int | None = None):
-        self._call = call
         self._next = start
-        self._blocks = self._iterate()
-
-    def __iter__(self) -> Iterator[common_pb2.Block]:
-        return self
-
-    def __next__(self) -> common_pb2.Block:
-        return next(self._blocks)
-
-    def close(self) -> None:
-        self._call.cancel()
-
-    def __enter__(self) -> BlockStream:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
+        super().__init__(call)
 
     def _iterate(self) -> Iterator[common_pb2.Block]:
         try:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from types import TracebackType
 
 import grpc
 from fabric_protos.gateway import gateway_pb2
@@ -16,6 +15,7 @@ from fabric_protos.orderer import ab_pb2
 
 from ._errors import ChaincodeEventsError, from_rpc_error
 from ._identity import Hash, Identity, Signer, sha256
+from ._stream import CallStream
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,38 +57,12 @@ def chaincode_events_request(
     )
 
 
-class ChaincodeEventStream:
+class ChaincodeEventStream(CallStream[ChaincodeEvent]):
     """Iterate over :class:`ChaincodeEvent`; :meth:`close` (or leaving ``with``) ends it.
 
     Iteration blocks until the next event; it ends when the stream is closed or the call's
     timeout passes, and raises :class:`ChaincodeEventsError` if the gateway fails.
     """
-
-    def __init__(self, call: grpc.Call):
-        self._call = call
-        self._closed = False
-        self._events = self._iterate()
-
-    def __iter__(self) -> Iterator[ChaincodeEvent]:
-        return self
-
-    def __next__(self) -> ChaincodeEvent:
-        return next(self._events)
-
-    def close(self) -> None:
-        self._closed = True
-        self._call.cancel()
-
-    def __enter__(self) -> ChaincodeEventStream:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
     def _iterate(self) -> Iterator[ChaincodeEvent]:
         try:
