@@ -3,14 +3,13 @@ data and configs. The demo uses it; so can anyone who wants to run the pieces by
 
 from __future__ import annotations
 
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import tomli_w
 
-from fedcore import generate_key, public_key_b64, save_private_key
+from fedcore import fresh_folder, generate_key, public_key_b64, save_private_key
 from gateway import DeviceRegistry
 
 from ._datasets import Dataset, dirichlet_partition
@@ -66,9 +65,35 @@ def provision(
     for the broker, the gateway and each device, and mutual TLS in every broker section;
     devices then sign updates with their certificate keys (the registry lists certificate
     fingerprints, no Ed25519 keys) and seal payloads to the gateway's X25519 key, and the
-    gateway checks each certificate against the CA and its CRL."""
-    if root.exists():
-        shutil.rmtree(root)
+    gateway checks each certificate against the CA and its CRL.
+
+    ``root`` must be missing, empty, or a demo site this function made (it carries the
+    ``.fedledger-site`` marker): anything else is refused with ``UnsafePathError`` before
+    anything is written. A previous site is replaced only once the new one is complete."""
+    # Everything that can fail on the inputs runs before the folder is touched.
+    parts = dirichlet_partition(dataset.y_train, devices, alpha=alpha, seed=seed)
+    with fresh_folder(root, kind=SITE_KIND, created_by="fedledger demo") as site:
+        return _provision(
+            site, dataset, parts, alpha=alpha, seed=seed, options=options,
+            broker_host=broker_host, broker_port=broker_port, secure=secure,
+        )  # fmt: skip
+
+
+SITE_KIND = "demo-site"
+
+
+def _provision(
+    root: Path,
+    dataset: Dataset,
+    parts: list[np.ndarray],
+    *,
+    alpha: float,
+    seed: int,
+    options: TaskOptions,
+    broker_host: str,
+    broker_port: int,
+    secure: bool,
+) -> Layout:
     for sub in ("keys", "devices"):
         (root / sub).mkdir(parents=True)
     pki = root / "pki"
@@ -120,12 +145,11 @@ def provision(
         return section
 
     np.savez(root / "holdout.npz", x=dataset.x_test, y=dataset.y_test)
-    parts = dirichlet_partition(dataset.y_train, devices, alpha=alpha, seed=seed)
     registry: dict[str, str] = {}
     agent_configs: dict[str, Path] = {}
     samples: dict[str, int] = {}
     labels: dict[str, list[int]] = {}
-    for device, idx in zip(device_ids(devices), parts, strict=True):
+    for device, idx in zip(device_ids(len(parts)), parts, strict=True):
         home = root / "devices" / device
         home.mkdir()
         if not secure:
