@@ -94,4 +94,6 @@ _apt:
 	DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends $(PKGS) >/dev/null
 
 clean:
-	rm -rf $(VENV) fedledger-demo fedledger-demo.log .pytest_cache .ruff_cache .hypothesis
+	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis
+	@# the demo's folder only when the demo made it (it carries the marker)
+	if [ -f fedledger-demo/.fedledger-site ]; then rm -rf fedledger-demo; fi

@@ -62,6 +62,7 @@ from ._files import (
     fresh_folder,
     read_marker,
     remove_owned_folder,
+    write_marker,
 )
 from ._model import (
     MODEL_KINDS,
@@ -128,10 +129,17 @@ from ._wire import (
 
 if typing.TYPE_CHECKING:
     from ._metrics_http import MetricsEndpoint
+    from ._sqlite import NotADatabaseError, connect_readonly, table_names
 
 # Imported on first use (PEP 562): the metrics endpoint loads prometheus_client and its HTTP
 # server, which an agent without a metrics port never needs.
-_LAZY = {"MetricsEndpoint": "._metrics_http"}
+# Likewise sqlite3, for the read-only openers of the gateway's and the ledger's files.
+_LAZY = {
+    "MetricsEndpoint": "._metrics_http",
+    "NotADatabaseError": "._sqlite",
+    "connect_readonly": "._sqlite",
+    "table_names": "._sqlite",
+}
 
 
 def __getattr__(name: str):
@@ -183,6 +191,7 @@ __all__ = [
     "ModelSpec",
     "MqttSettings",
     "MqttTransport",
+    "NotADatabaseError",
     "Params",
     "SignalWindower",
     "SignatureError",
@@ -207,6 +216,7 @@ __all__ = [
     "check_task_fits",
     "claim_folder",
     "collect_windows",
+    "connect_readonly",
     "decode_envelope",
     "decode_tensors",
     "dequantized_params",
@@ -252,6 +262,7 @@ __all__ = [
     "save_private_key",
     "sha256_hex",
     "signer_from_key",
+    "table_names",
     "topk_with_feedback",
     "train",
     "update_subscription",
@@ -260,5 +271,6 @@ __all__ = [
     "verify_ecdsa",
     "verify_signature",
     "window_signal",
+    "write_marker",
     "x25519_public_b64",
 ]

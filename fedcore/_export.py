@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from ._codec import quantize_int8, quantize_int8_channels
+from ._files import UnsafePathError, atomic_write_bytes
 from ._model import ModelSpec, feature_stats, model_hash
 
 EXPORT_FORMATS = ("onnx", "tflite")
@@ -201,11 +202,8 @@ def export_onnx(
     ``onnx.checker``) and return the path."""
     onnx = _require("onnx", "onnx")
     model = build_onnx(spec, params, per_channel=per_channel)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    onnx.save_model(model, str(path))
-    onnx.checker.check_model(str(path))
-    return path
+    onnx.checker.check_model(model)
+    return _write_export(Path(path), model.SerializeToString(), "onnx")
 
 
 # ---------------------------------------------------------------- TFLite
@@ -439,7 +437,7 @@ def build_tflite(
         t_meta.MetadataAddBuffer(b, first_meta_buffer + j)
         metadata_offsets.append(t_meta.MetadataEnd(b))
 
-    description = b.CreateString("fedledger int8 model")
+    description = b.CreateString(_TFLITE_DESCRIPTION)
     opcodes_vec = table_vector(t_model.ModelStartOperatorCodesVector, opcode_offsets)
     subgraphs_vec = table_vector(t_model.ModelStartSubgraphsVector, [subgraph])
     buffers_vec = table_vector(t_model.ModelStartBuffersVector, buffer_offsets)
@@ -464,9 +462,30 @@ def export_tflite(
 ) -> Path:
     """Write the int8-weight TFLite flatbuffer of ``spec``/``params`` to ``path``."""
     data = build_tflite(spec, params, per_channel=per_channel)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(data)
+    return _write_export(Path(path), data, "tflite")
+
+
+_TFLITE_DESCRIPTION = b"fedledger int8 model"
+
+
+def _made_here(data: bytes, fmt: str) -> bool:
+    """Whether ``data`` is a model this module exported (ONNX producer ``fedledger``; TFLite
+    description ``fedledger int8 model``): only such a file is ever replaced."""
+    if fmt == "onnx":
+        try:
+            onnx = _require("onnx", "onnx")
+            return onnx.load_model_from_string(data).producer_name == "fedledger"
+        except Exception:  # any parse failure means: not ours
+            return False
+    return data[4:8] == b"TFL3" and _TFLITE_DESCRIPTION in data
+
+
+def _write_export(path: Path, data: bytes, fmt: str) -> Path:
+    if path.is_dir():
+        raise UnsafePathError(path, "is a folder; name the model file to write")
+    if path.exists() and not _made_here(path.read_bytes(), fmt):
+        raise UnsafePathError(path, f"exists and is not a {fmt} model fedledger exported")
+    atomic_write_bytes(path, data)
     return path
 
 

@@ -111,6 +111,8 @@ def check_folder(path: str | os.PathLike[str], *, kind: str, fresh: bool = False
     if not resolved.is_dir():
         raise UnsafePathError(folder, "is a file, not a folder")
     marker = read_marker(resolved)
+    if (marker is None or fresh) and (reason := _protected(resolved)):
+        raise UnsafePathError(folder, reason)
     if marker is None and any(resolved.iterdir()):
         raise UnsafePathError(
             folder, f"is not empty and was not made by fedledger (no {MARKER} marker)"
@@ -121,8 +123,6 @@ def check_folder(path: str | os.PathLike[str], *, kind: str, fresh: bool = False
             f"was made by {marker.get('created_by', 'fedledger')} as a {marker['kind']},"
             f" not a {kind}",
         )
-    if (marker is None or fresh) and (reason := _protected(resolved)):
-        raise UnsafePathError(folder, reason)
     return resolved
 
 

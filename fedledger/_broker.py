@@ -21,7 +21,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from fedcore import FedledgerError
+from fedcore import FedledgerError, read_marker, write_marker
 
 INSTALL_HINT = (
     "Mosquitto is not installed. Install it with your package manager, e.g. "
@@ -169,6 +169,9 @@ class MosquittoBroker:
             with os.fdopen(fd, "wb") as handle:
                 handle.write(data)
             copies[name] = copy
+        # ``root`` is this launcher's own temporary folder: claim it for the generated files.
+        if read_marker(root) is None:
+            write_marker(root, kind="broker-config", created_by="fedledger broker launcher")
         files = write_broker_config(
             root,
             **copies,

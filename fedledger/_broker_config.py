@@ -22,6 +22,8 @@ from fedcore import (
     DEFAULT_MAX_MESSAGE_BYTES,
     IDENTIFIER,
     ConfigError,
+    atomic_write_text,
+    claim_folder,
     model_topic,
     presence_subscription,
     presence_topic,
@@ -269,8 +271,9 @@ def write_broker_config(
     }
     crl_file = _file(crl, "crl") if crl is not None else None
     persistence = Path(persistence_dir).resolve() if persistence_dir is not None else None
-    root = Path(directory)
-    root.mkdir(parents=True, exist_ok=True)
+    # A folder of its own: mosquitto.conf and acl are replaced only where this function
+    # wrote them before (never a system broker's /etc/mosquitto, say).
+    root = claim_folder(directory, kind="broker-config", created_by="fedledger broker config")
     acl_path = (root / "acl").resolve()
     config_path = (root / "mosquitto.conf").resolve()
     config = render_config(
@@ -292,7 +295,4 @@ def write_broker_config(
 
 def _write(path: Path, text: str) -> None:
     """Replace atomically: a broker reloading (SIGHUP) never reads half a file."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, path)
+    atomic_write_text(path, text, mode=0o644)

@@ -4,11 +4,14 @@ federated fleets see them (non-IID across devices)."""
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+from fedcore import atomic_write_bytes, atomic_write_text, claim_folder
 
 DATASETS = ("breast_cancer", "digits")
 
@@ -94,15 +97,18 @@ def write_split(
     description: dict[str, object],
 ) -> dict[str, object]:
     """Write ``device-NN/data.npz`` per device, ``holdout.npz`` for the gateway, and a
-    ``manifest.json`` (sample and label counts and the SHA-256 of every file)."""
-    out.mkdir(parents=True, exist_ok=True)
+    ``manifest.json`` (sample and label counts and the SHA-256 of every file).
+
+    ``out`` must be missing, empty, or a split this function wrote (it carries the
+    ``.fedledger-site`` marker; an older split there is replaced); anything else is refused."""
+    out = claim_folder(out, kind="data-split", created_by="fedledger data split", fresh=True)
     devices = []
     for number, idx in enumerate(parts, start=1):
         home = out / f"device-{number:02d}"
         home.mkdir(exist_ok=True)
         path = home / "data.npz"
         y = dataset.y_train[idx]
-        np.savez(path, x=dataset.x_train[idx], y=y)
+        write_npz(path, x=dataset.x_train[idx], y=y)
         devices.append(
             {
                 "device": home.name,
@@ -113,7 +119,7 @@ def write_split(
             }
         )
     holdout = out / "holdout.npz"
-    np.savez(holdout, x=dataset.x_test, y=dataset.y_test)
+    write_npz(holdout, x=dataset.x_test, y=dataset.y_test)
     manifest = {
         **description,
         "dataset": dataset.name,
@@ -126,8 +132,15 @@ def write_split(
         },
         "devices": devices,
     }
-    (out / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    atomic_write_text(out / "manifest.json", json.dumps(manifest, indent=2) + "\n")
     return manifest
+
+
+def write_npz(path: Path, **arrays: np.ndarray) -> None:
+    """``np.savez`` through a temp file and a rename: a reader never sees half an archive."""
+    buffer = io.BytesIO()
+    np.savez(buffer, **arrays)
+    atomic_write_bytes(path, buffer.getvalue())
 
 
 # ---------------------------------------------------------------- synthetic sensor signals

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fedcore import accuracy, init_params, load_task, train
+from fedcore import accuracy, atomic_write_text, init_params, load_task, train
 from gateway import RoundResult, UpdateStore, load_gateway_config, open_gateway
 from ledger import EmbeddedLedger
 
@@ -143,6 +143,9 @@ def run_demo(
         secure=options.secure,
     )
     status(f"provisioned {options.devices} devices under {root}")
+    log_handler = logging.FileHandler(root / "demo.log")
+    log_handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.getLogger().addHandler(log_handler)
     secure = None
     if layout.pki is not None:
         secure = SecureBrokerFiles(
@@ -176,7 +179,7 @@ def run_demo(
         finally:
             agents.stop(grace=grace)
             gateway.close()
-    store = UpdateStore(layout.store)
+    store = UpdateStore.open_readonly(layout.store)
     try:
         with EmbeddedLedger.open_readonly(layout.ledger) as chain:
             verify = chain.verify(public_key=layout.gateway_public_key, replay=True, store=store)
@@ -229,7 +232,9 @@ def run_demo(
     if options.plot:
         report["plot_path"] = str(write_plot(report, json_path.with_suffix(".png")))
     report["report_path"] = str(json_path)
-    json_path.write_text(json.dumps(report, indent=2) + "\n")
+    atomic_write_text(json_path, json.dumps(report, indent=2) + "\n")
+    logging.getLogger().removeHandler(log_handler)
+    log_handler.close()
     return report
 
 

@@ -41,7 +41,14 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from fedcore import IDENTIFIER, FedledgerError
+from fedcore import (
+    IDENTIFIER,
+    FedledgerError,
+    atomic_write_bytes,
+    check_folder,
+    read_marker,
+    write_marker,
+)
 
 Kind = Literal["device", "gateway", "broker"]
 KINDS: tuple[Kind, ...] = ("device", "gateway", "broker")
@@ -216,21 +223,7 @@ def write_private_key(key: ec.EllipticCurvePrivateKey, path: str | os.PathLike[s
 
 def _write_atomic(path: Path, data: bytes, *, mode: int) -> None:
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with contextlib.suppress(FileNotFoundError):
-        tmp.unlink()
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.chmod(tmp, mode)  # the umask may have narrowed it; never widened
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
-        raise
+    atomic_write_bytes(path, data, mode=mode)
 
 
 def _read(path: Path, what: str) -> bytes:
@@ -446,7 +439,14 @@ def init_ca(
     _check_days(days)
     _check_days(crl_days, "crl_days")
     when = _now(now)
+    existing = ca_cert_path(directory).exists() or (directory / "ca.key").exists()
+    if not existing:
+        # A new CA goes only into a new or empty folder, or one fedledger made for a CA: its
+        # index, CRL and key files must never land over a user's files of the same names.
+        check_folder(directory, kind="pki")
     with _locked(directory, create=True):
+        if not existing and read_marker(directory) is None:
+            write_marker(directory, kind="pki", created_by="fedledger pki init")
         if ca_cert_path(directory).exists() or (directory / "ca.key").exists():
             ca = _load_ca(directory)
             if ca.org != org:

@@ -45,13 +45,17 @@ LogLevel = Annotated[
 ]
 
 
-def _logging(level: str, *, file: Path | None = None) -> None:
+def _logging(level: str, *, file: Path | None = None, quiet: bool = False) -> None:
+    """Log at ``level`` to stderr, or to ``file``, or (``quiet``) nowhere yet: the demo adds
+    a file handler inside its site folder once that folder is its own."""
     value = getattr(logging, level.upper(), None)
     if not isinstance(value, int):
         raise typer.BadParameter(f"unknown log level {level!r}", param_hint="--log-level")
     handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
     if file is not None:
         handlers = [logging.FileHandler(file)]
+    elif quiet:
+        handlers = [logging.NullHandler()]
     logging.basicConfig(
         level=value,
         handlers=handlers,
@@ -148,8 +152,13 @@ def demo(
         )
     if agents not in ("process", "thread"):
         raise typer.BadParameter("must be process or thread", param_hint="--agents")
-    workdir.mkdir(parents=True, exist_ok=True)
-    _logging(log_level, file=workdir.resolve().parent / f"{workdir.name}.log")
+    from fedcore import check_folder
+
+    from ._provision import SITE_KIND
+
+    # Refused here, before anything starts: a folder fedledger did not make is never emptied.
+    check_folder(workdir, kind=SITE_KIND, fresh=True)
+    _logging(log_level, file=None, quiet=True)
     options = DemoOptions(
         devices=devices,
         rounds=rounds,
@@ -309,9 +318,7 @@ def ledger_verify(
 
     gateway_store = None
     if store is not None:
-        if not store.is_file():
-            raise typer.BadParameter(f"no gateway store at {store}", param_hint="--store")
-        gateway_store = UpdateStore(store)
+        gateway_store = UpdateStore.open_readonly(store)
     try:
         with EmbeddedLedger.open_readonly(db) as chain:
             report = chain.verify(public_key=public_key, replay=replay, store=gateway_store)
@@ -860,7 +867,7 @@ def model_export(
         with np.load(model) as archive:
             params = {name: archive[name].astype(np.float32) for name in archive.files}
     else:
-        db = UpdateStore(store)
+        db = UpdateStore.open_readonly(store)
         try:
             payload = db.get_model(hash_)
         finally:

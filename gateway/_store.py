@@ -14,6 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from fedcore import connect_readonly, table_names
+
 from ._errors import GatewayError
 
 _SCHEMA = """
@@ -69,6 +71,31 @@ CREATE TABLE IF NOT EXISTS rejections (
 """
 
 
+_TABLES = {"models", "rounds", "updates"}
+
+
+def _not_a_store(path: Path, tables: set[str]) -> str:
+    if {"blocks", "state"} <= tables:
+        return (
+            f"{path} is a ledger, not a gateway store (the store is the file named by"
+            " 'store' in gateway.toml)"
+        )
+    return f"{path} is not a gateway store (tables: {', '.join(sorted(tables)) or 'none'})"
+
+
+def _refuse_foreign(path: Path) -> None:
+    """A database with tables but not the store's belongs to something else: never add ours."""
+    if not path.is_file() or path.stat().st_size == 0:
+        return
+    db = connect_readonly(path, what="gateway store", error=GatewayError)
+    try:
+        tables = table_names(db)
+    finally:
+        db.close()
+    if tables and not tables >= _TABLES:
+        raise GatewayError(_not_a_store(path, tables))
+
+
 @dataclass(frozen=True, slots=True)
 class RoundRow:
     task: str
@@ -119,6 +146,7 @@ class UpdateStore:
     def __init__(self, path: str | os.PathLike[str], *, synchronous: str = "FULL"):
         self.path = Path(path)
         self._lock = threading.Lock()
+        _refuse_foreign(self.path)
         try:
             self._db = sqlite3.connect(
                 str(self.path), isolation_level=None, check_same_thread=False
@@ -128,6 +156,19 @@ class UpdateStore:
             self._db.executescript(_SCHEMA)
         except sqlite3.Error as exc:
             raise GatewayError(f"cannot open update store {self.path}: {exc}") from None
+
+    @classmethod
+    def open_readonly(cls, path: str | os.PathLike[str]) -> UpdateStore:
+        """Open an existing store for reading (audits, status): the file is never written,
+        whatever it is (see ``fedcore.connect_readonly``); another kind of file is refused."""
+        db = connect_readonly(path, what="gateway store", error=GatewayError)
+        tables = table_names(db)
+        if not tables >= _TABLES:
+            db.close()
+            raise GatewayError(_not_a_store(Path(path), tables))
+        self = cls.__new__(cls)
+        self.path, self._lock, self._db = Path(path), threading.Lock(), db
+        return self
 
     def _write(self, statements: list[tuple[str, tuple]]) -> None:
         with self._lock:

@@ -28,8 +28,10 @@ from fedcore import (
     SignatureError,
     Signer,
     canonical_json,
+    connect_readonly,
     load_public_key,
     sha256_hex,
+    table_names,
     verify_signature,
 )
 
@@ -119,6 +121,32 @@ class _SqliteContext:
         self.event = (name, payload)
 
 
+def _not_a_ledger(path: Path, tables: set[str]) -> str:
+    if {"rounds", "updates", "models"} <= tables:
+        return (
+            f"{path} is a gateway store, not a ledger (the ledger is the file named by"
+            " 'ledger' in gateway.toml)"
+        )
+    if not tables:
+        return f"{path} holds no chain (an empty database)"
+    return (
+        f"{path} holds no chain (a database of another kind, tables: {', '.join(sorted(tables))})"
+    )
+
+
+def _refuse_foreign(path: Path) -> None:
+    """A database with tables but no chain belongs to something else: never add ours to it."""
+    if not path.is_file() or path.stat().st_size == 0:
+        return
+    db = connect_readonly(path, what="ledger", error=LedgerError)
+    try:
+        tables = table_names(db)
+    finally:
+        db.close()
+    if tables and not {"blocks", "state"} <= tables:
+        raise LedgerError(_not_a_ledger(path, tables))
+
+
 class EmbeddedLedger:
     """The zero-setup :class:`~ledger.LedgerBackend`: one SQLite file, one block per transaction."""
 
@@ -134,6 +162,7 @@ class EmbeddedLedger:
         self.path = Path(path)
         self._signer = signer
         self._clock = clock
+        _refuse_foreign(self.path)
         try:
             self._db = sqlite3.connect(str(self.path), isolation_level=None)
             self._db.execute("PRAGMA journal_mode=WAL")
@@ -150,9 +179,19 @@ class EmbeddedLedger:
 
     @classmethod
     def open_readonly(cls, path: str | os.PathLike[str]) -> EmbeddedLedger:
-        if not Path(path).is_file():
-            raise LedgerError(f"no ledger at {path}")
-        return cls(path)
+        """Open an existing chain for reading: the file is never written, whatever it is
+        (see ``fedcore.connect_readonly``); a file that holds no chain is refused."""
+        db = connect_readonly(path, what="ledger", error=LedgerError)
+        tables = table_names(db)
+        if not {"blocks", "state"} <= tables:
+            db.close()
+            raise LedgerError(_not_a_ledger(Path(path), tables))
+        self = cls.__new__(cls)
+        self.path, self._signer, self._clock, self._db = Path(path), None, time.time, db
+        if self.height() < 0:
+            db.close()
+            raise LedgerError(f"{path} holds no chain (no genesis block)")
+        return self
 
     def height(self) -> int:
         row = self._db.execute("SELECT MAX(height) FROM blocks").fetchone()
