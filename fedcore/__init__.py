@@ -64,6 +64,7 @@ from ._files import (
     remove_owned_folder,
     write_marker,
 )
+from ._limits import MAX_BATCH_RECORDS, MAX_BATCHES, MAX_METRICS, MAX_ROUND, MAX_SAMPLES
 from ._model import (
     MODEL_KINDS,
     ModelSpec,
@@ -167,6 +168,11 @@ __all__ = [
     "IDENTIFIER",
     "LABEL_RULES",
     "MARKER",
+    "MAX_BATCHES",
+    "MAX_BATCH_RECORDS",
+    "MAX_METRICS",
+    "MAX_ROUND",
+    "MAX_SAMPLES",
     "MODEL_KINDS",
     "SEAL_OVERHEAD",
     "SIGNING_ALGS",

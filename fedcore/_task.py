@@ -14,6 +14,7 @@ from pydantic import Field
 from ._canonical import canonical_json, sha256_hex
 from ._config import StrictModel, load_config
 from ._errors import ConfigError
+from ._limits import MAX_ROUND
 from ._model import ModelSpec
 
 Identifier = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")]
@@ -73,7 +74,7 @@ class AsynchronousSection(StrictModel):
 
 class TaskSpec(StrictModel):
     id: Identifier
-    rounds: Annotated[int, Field(ge=1)] = 10
+    rounds: Annotated[int, Field(ge=1, le=MAX_ROUND + 1)] = 10
     codec: Literal["f32", "int8", "int8-channel", "int4", "topk-f32", "topk-int8"] = "int8"
     #: Updates needed to close a round at its deadline; fewer and the deadline is extended.
     quorum: Annotated[int, Field(ge=1)] = 1

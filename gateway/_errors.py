@@ -21,6 +21,7 @@ REJECT_REASONS = (
     "wrong_type",
     "topic_mismatch",
     "wrong_task",
+    "out_of_range",
     "unknown_device",
     "revoked",
     "not_encrypted",

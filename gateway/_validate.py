@@ -11,6 +11,8 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
 from fedcore import (
     ALG_ECDSA_P256,
+    MAX_ROUND,
+    MAX_SAMPLES,
     TYPE_UPDATE,
     CertificateError,
     CertificateTrust,
@@ -99,6 +101,14 @@ class UpdateValidator:
             raise Rejected("topic_mismatch", f"header names {header.device!r}", device=sender)
         if header.task != self.task:
             raise Rejected("wrong_task", f"task {header.task!r}", device=sender)
+        if header.samples > MAX_SAMPLES or header.round > MAX_ROUND:
+            # The wire allows up to 2**53; the ledger does not, and would refuse the round.
+            raise Rejected(
+                "out_of_range",
+                f"samples {header.samples} or round {header.round} over the ledger's limits"
+                f" ({MAX_SAMPLES}, {MAX_ROUND})",
+                device=sender,
+            )
         if header.device not in self.registry:
             raise Rejected("unknown_device", "device is not registered", device=sender)
         if header.device in ctx.revoked:

@@ -63,7 +63,16 @@ import re
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal, TypeVar
 
-from fedcore import CODECS, IDENTIFIER, canonical_json
+from fedcore import (
+    CODECS,
+    IDENTIFIER,
+    MAX_BATCH_RECORDS,
+    MAX_BATCHES,
+    MAX_METRICS,
+    MAX_ROUND,
+    MAX_SAMPLES,
+    canonical_json,
+)
 
 from ._context import ROLES, Identity, TxContext
 from ._errors import LedgerError
@@ -77,11 +86,6 @@ EVENT_UPDATES_RECORDED = "UpdatesRecorded"
 EVENT_ROUND_COMMITTED = "RoundCommitted"
 
 #: Upper bounds that keep every key and every transaction small.
-MAX_ROUND = 99_999_999
-MAX_BATCHES = 10_000
-MAX_BATCH_RECORDS = 1_000
-MAX_SAMPLES = 2**31 - 1
-MAX_METRICS = 32
 MAX_PRIVACY_BYTES = 4_096
 
 _HEX64 = re.compile(r"[0-9a-f]{64}")

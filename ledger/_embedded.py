@@ -162,6 +162,8 @@ class EmbeddedLedger:
         self.path = Path(path)
         self._signer = signer
         self._clock = clock
+        if signer is None and not self.path.is_file():
+            raise LedgerError(f"no ledger at {self.path} (and no signer to start one)")
         _refuse_foreign(self.path)
         try:
             self._db = sqlite3.connect(str(self.path), isolation_level=None)

@@ -1,0 +1,20 @@
+"""The limits the ledger contract enforces, in one place.
+
+The contract (``ledger.FedLedgerContract``) refuses a record outside these bounds, so the
+gateway's validator, the task spec and the wire checks use the same constants: nothing the
+gateway accepts can then be refused when its round is anchored (a refusal there is permanent:
+every retry fails the same way).
+"""
+
+from __future__ import annotations
+
+#: Highest round number a task can reach (rounds are numbered from 0).
+MAX_ROUND = 99_999_999
+#: Largest sample count of one update (a signed 32-bit integer, as Fabric clients expect).
+MAX_SAMPLES = 2**31 - 1
+#: Round metrics (accuracy, clinical metrics...) per round record.
+MAX_METRICS = 32
+#: Update records per RecordUpdates batch.
+MAX_BATCH_RECORDS = 1_000
+#: RecordUpdates batches per round.
+MAX_BATCHES = 10_000
