@@ -23,6 +23,8 @@ from pathlib import Path
 
 from fedcore import FedledgerError, read_marker, write_marker
 
+from ._broker_config import persistence_directives
+
 INSTALL_HINT = (
     "Mosquitto is not installed. Install it with your package manager, e.g. "
     "'sudo apt-get install mosquitto' on Debian/Ubuntu ('make demo' and 'make test' do this "
@@ -123,8 +125,7 @@ class MosquittoBroker:
                         ["persistence false"]
                         if self.persistence is None
                         else [
-                            "persistence true",
-                            f"persistence_location {self.persistence}/",
+                            *persistence_directives(self.persistence),
                             # Started as root, Mosquitto would switch to user mosquitto and
                             # could not write the folder: stay the user who owns it.
                             f"user {getpass.getuser()}",
@@ -265,6 +266,14 @@ class MosquittoBroker:
         if self._dir is not None:
             self._dir.cleanup()
             self._dir = None
+
+    def kill(self) -> None:
+        """End the broker with SIGKILL, as a crash or power loss would: nothing is saved on
+        the way out. (Failure tests; ``stop`` is the clean shutdown.)"""
+        if self._proc is not None and self._proc.poll() is None:
+            self._proc.kill()
+            self._proc.wait()
+        self.stop()
 
     @property
     def running(self) -> bool:
