@@ -332,25 +332,39 @@ def serve(
     are restored on return). ``on_start`` receives the running server once it listens (to
     print the bound port, or to keep the handle and call ``stop()`` from elsewhere).
     """
-    server = start_server(
-        address,
-        chaincode_id=chaincode_id,
-        tls_cert=tls_cert,
-        tls_key=tls_key,
-        client_ca=client_ca,
-        max_workers=max_workers,
-        request_timeout=request_timeout,
-        grace=grace,
-    )
+    # The handlers go in before the port opens: a signal that arrives as soon as a client
+    # can connect must stop the server gracefully, not kill the process.
+    stopping = threading.Event()
+    running: list[ChaincodeServer] = []
     previous: dict[int, Any] = {}
     if threading.current_thread() is threading.main_thread():
 
         def on_signal(signum: int, frame: FrameType | None) -> None:
             logger.info("signal %d: stopping the chaincode server", signum)
-            server.request_stop()
+            stopping.set()
+            for each in running:
+                each.request_stop()
 
         for signum in (signal.SIGINT, signal.SIGTERM):
             previous[signum] = signal.signal(signum, on_signal)
+    try:
+        server = start_server(
+            address,
+            chaincode_id=chaincode_id,
+            tls_cert=tls_cert,
+            tls_key=tls_key,
+            client_ca=client_ca,
+            max_workers=max_workers,
+            request_timeout=request_timeout,
+            grace=grace,
+        )
+    except BaseException:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+        raise
+    running.append(server)
+    if stopping.is_set():
+        server.request_stop()
     try:
         if on_start is not None:
             on_start(server)

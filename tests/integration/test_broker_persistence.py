@@ -4,6 +4,12 @@ Mosquitto saves its database only on a clean shutdown and every ``autosave_inter
 (1,800 s by default): without ``autosave_on_changes`` a killed broker forgets every queued
 QoS 1 message. Every broker fedledger configures (``broker config``, the launcher, the
 Ansible role) carries the same directives, checked here against a real Mosquitto.
+
+Mosquitto acknowledges a publish before it writes the database (the save runs on its next
+loop pass), so the broker alone leaves a window of one loop pass: the agent's outbox, which
+re-publishes an update until the round's model comes back, closes it end to end
+(tests/integration/test_random_kills.py). Here the kill waits until the file holds every
+update, which is what the directives promise.
 """
 
 from __future__ import annotations
@@ -51,10 +57,19 @@ def test_queued_messages_survive_a_broker_kill(tmp_path):
         dev = client("dev-persist", port, clean=True)
         dev.loop_start()
         for i in range(N):
-            dev.publish(f"t/updates/dev-{i}", f"u{i}".encode(), qos=1).wait_for_publish(5)
+            dev.publish(f"t/updates/dev-{i}", f"u{i:03d}".encode(), qos=1).wait_for_publish(5)
         dev.disconnect()
         dev.loop_stop()
 
+        saved = sessions / "mosquitto.db"
+        end = time.monotonic() + 10
+        while time.monotonic() < end:
+            body = saved.read_bytes() if saved.exists() else b""
+            if all(f"u{i:03d}".encode() in body for i in range(N)):
+                break
+            time.sleep(0.05)
+        else:
+            pytest.fail("Mosquitto never saved the queued updates")
         broker.kill()
         broker = MosquittoBroker(port=port, persistence=sessions).start()
 
@@ -72,7 +87,7 @@ def test_queued_messages_survive_a_broker_kill(tmp_path):
         done.wait(10)
         gw.disconnect()
         gw.loop_stop()
-        assert sorted(got) == sorted(f"u{i}" for i in range(N))
+        assert sorted(got) == sorted(f"u{i:03d}" for i in range(N))
     finally:
         broker.stop()
 
