@@ -10,12 +10,14 @@ proves its identity (its certificate's CN) with its own key.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import queue
 import ssl
 import sys
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -32,6 +34,14 @@ class Message:
     topic: str
     payload: bytes
     retain: bool = False
+    #: With manual acknowledgements (``MqttSettings.manual_ack``): sends this message's
+    #: PUBACK. Until it is called the broker keeps the message and delivers it again after a
+    #: reconnect, so a receiver calls it only once the message is durable on its side.
+    ack: Callable[[], None] | None = field(default=None, compare=False, repr=False)
+
+    def acknowledge(self) -> None:
+        if self.ack is not None:
+            self.ack()
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,6 +81,9 @@ class MqttSettings:
     max_inflight: int = 100
     will: Will | None = None
     online: Message | None = None  # published (retained) after every connect
+    #: Acknowledge QoS 1 messages only when the receiver calls ``Message.ack`` (paho's
+    #: manual acks): what is not yet durable stays with the broker across a crash.
+    manual_ack: bool = False
     #: Mutual TLS: the CA the broker's certificate must chain to (PEM). Setting any of the
     #: three switches TLS on; ``tls_cert`` and ``tls_key`` go together.
     tls_ca: str | os.PathLike[str] | None = None
@@ -196,6 +209,11 @@ class MqttTransport:
             protocol=mqtt.MQTTv311,
         )
         client.max_inflight_messages_set(settings.max_inflight)
+        if settings.manual_ack:
+            client.manual_ack_set(True)
+        #: Connections made so far (a reconnect increments it): what a client re-sends after
+        #: a broker restart keys on it.
+        self.connections = 0
         client.reconnect_delay_set(min_delay=1, max_delay=30)
         if settings.will is not None:
             client.will_set(
@@ -277,6 +295,7 @@ class MqttTransport:
         if self.settings.online is not None:
             online = self.settings.online
             client.publish(online.topic, online.payload, qos=1, retain=online.retain)
+        self.connections += 1
         self._connected.set()
         if not subscriptions:
             self._ready.set()
@@ -311,10 +330,22 @@ class MqttTransport:
         log.debug("disconnected: %s", reason_code)
 
     def _on_message(self, client, userdata, message) -> None:
+        ack = None
+        if self.settings.manual_ack and message.qos > 0:
+            ack = functools.partial(self._ack, message.mid, message.qos)
         try:
-            self.messages.put_nowait(Message(message.topic, bytes(message.payload), message.retain))
+            self.messages.put_nowait(
+                Message(message.topic, bytes(message.payload), message.retain, ack)
+            )
         except queue.Full:
-            log.warning("inbound queue full, message on %s dropped", message.topic)
+            # Not acknowledged: the broker delivers it again after the next reconnect.
+            log.warning("inbound queue full, message on %s left with the broker", message.topic)
+
+    def _ack(self, mid: int, qos: int) -> None:
+        """PUBACK ``mid`` (from any thread: paho queues the packet under its own lock). After
+        a reconnect the broker re-sends unacknowledged messages with their original packet
+        ids, so an ack that crosses a reconnect still names the same message."""
+        self._client.ack(mid, qos)
 
 
 @dataclass

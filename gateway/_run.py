@@ -49,8 +49,9 @@ def open_gateway(
     trust = None if g.ca is None else CertificateTrust.load(g.ca, g.crl)
     sealing = None if g.encryption_key is None else load_x25519_private_key(g.encryption_key)
     if transport is None:
+        # PUBACK only once an update is committed to the store (see Gateway).
         transport = MqttTransport(
-            config.broker.mqtt_settings(client_id=f"gateway-{g.id}"),
+            config.broker.mqtt_settings(client_id=f"gateway-{g.id}", manual_ack=True)
         )
     metrics = None if g.metrics_port is None else GatewayMetrics(registry=CollectorRegistry())
     store = UpdateStore(g.store)

@@ -5,6 +5,13 @@ thread validates them, persists accepted updates before counting them, closes ro
 "every registered device reported" or on the deadline (with a quorum), aggregates,
 evaluates, anchors the round on the ledger and publishes the next global model.
 
+No acknowledged update is lost: an update's PUBACK goes out only once its batch (accepted
+or rejected) is committed to the store (paho's manual acknowledgements), so the broker
+keeps, and after a crash re-delivers, whatever the gateway had not made durable. Updates
+that arrive before the open round is rebuilt from the store at start are held, not
+refused; a message delivered again that the store already holds is acknowledged and
+dropped without a trace (it is not a rejection).
+
 A task with an ``asynchronous`` section runs buffered asynchronous rounds instead (FedBuff):
 each round is one model version, closed by ``buffer`` accepted updates trained from any of
 the last ``max_staleness`` versions, each weighted by its staleness (``_buffer``). The
@@ -27,6 +34,7 @@ import numpy as np
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
 from fedcore import (
+    MAX_BATCH_RECORDS,
     CertificateTrust,
     Message,
     ModelHeader,
@@ -70,7 +78,10 @@ log = logging.getLogger(__name__)
 #: Messages handled per store transaction (group commit).
 _BATCH = 256
 #: Update records per ledger transaction (the contract takes at most 1,000).
-_LEDGER_BATCH = 1000
+_LEDGER_BATCH = MAX_BATCH_RECORDS
+#: Rejections a message delivered again would get; such a message whose update the store
+#: already holds is no rejection.
+_AGAIN = frozenset({"replayed", "duplicate", "stale_round", "too_stale", "round_closed"})
 
 
 @dataclass(frozen=True)
@@ -101,6 +112,9 @@ class GatewayStats:
     rounds_closed: int = 0
     online: set[str] = field(default_factory=set)
     ledger_failures: int = 0
+    #: Messages delivered again (by the broker after a crash, or re-sent by a device) whose
+    #: update the store already held: acknowledged and dropped.
+    redelivered: int = 0
     #: The open round; once the final model is published, the task's round count.
     current_round: int | None = None
     last_participants: int | None = None
@@ -182,6 +196,14 @@ class Gateway:
         self._open: _OpenRound | None = None
         self._final_hash: str | None = None
         self._presence_prefix = presence_topic(task.id, "")
+        #: Devices whose presence a live (not retained) message told: a retained message,
+        #: older by nature, never overrides it.
+        self._live_presence: set[str] = set()
+        #: Until ``start`` has rebuilt the open round, updates wait here (unacknowledged).
+        self._started = False
+        self._held: list[Message] = []
+        #: Messages of the batch being handled: acknowledged once it is committed.
+        self._to_ack: list[Message] = []
         #: Asynchronous rounds only: the devices each buffer from the open round on holds
         #: (stored or in the pending batch), the ``(device, base round)`` of accepted updates
         #: in the staleness window, and the base model of each round still accepted as a base.
@@ -202,7 +224,9 @@ class Gateway:
 
     def connect(self, timeout: float = 10.0) -> None:
         self.transport.subscribe(update_subscription(self.task.id), 1)
-        self.transport.subscribe(presence_subscription(self.task.id), 1)
+        # Presence at QoS 0: it is state (retained, last wills), and it must not queue behind
+        # updates held unacknowledged while the gateway starts.
+        self.transport.subscribe(presence_subscription(self.task.id), 0)
         self.transport.start()
         if not self.transport.wait_connected(timeout):
             raise GatewayError(f"could not reach the broker within {timeout:.0f} s")
@@ -218,17 +242,28 @@ class Gateway:
         return len(self.stats.online & set(self.registry))
 
     def start(self) -> None:
-        """Resume the task from the store, or open its first round."""
+        """Resume the task from the store, or open its first round; then handle the updates
+        that arrived meanwhile (held, not refused)."""
+        self._begin()
+        self._started = True
+        held, self._held = self._held, []
+        if held:
+            log.info("handling %d updates that arrived before the round was resumed", len(held))
+            for message in held:
+                self._handle(message)
+            self._flush()
+
+    def _begin(self) -> None:
         self._counters = self.store.counters()
-        rows = self.store.rounds(self.task.id)
+        last = self.store.last_round(self.task.id)
         self._catch_up()
-        if rows and rows[-1].status == "open":
-            row = rows[-1]
-            params = self._load_model(row.base_hash)
-            self._open_round(row.round, params, row.base_hash, resume=True)
+        if last is not None and last.status == "open":
+            params = self._load_model(last.base_hash)
+            self._open_round(
+                last.round, params, last.base_hash, resume=(last.opened_at, last.deadline)
+            )
             return
-        if rows:
-            last = rows[-1]
+        if last is not None:
             assert last.new_hash is not None
             params = self._load_model(last.new_hash)
             next_round = last.round + 1
@@ -277,12 +312,13 @@ class Gateway:
 
     def _handle(self, message: Message) -> None:
         if message.topic.startswith(self._presence_prefix):
-            device = message.topic[len(self._presence_prefix) :]
-            if message.payload == b"online":
-                self.stats.online.add(device)
-            else:
-                self.stats.online.discard(device)
+            message.acknowledge()
+            self._presence(message.topic[len(self._presence_prefix) :], message)
             return
+        if not self._started:
+            self._held.append(message)
+            return
+        self._to_ack.append(message)
         size = len(message.payload)
         self.stats.received += 1
         self.stats.bytes_received += size
@@ -307,12 +343,42 @@ class Gateway:
             )
             target = current.round if self._async is None else self._place(accepted.header)
         except Rejected as exc:
-            self._reject(exc, size, current, hashlib.sha256(message.payload).hexdigest())
+            digest = hashlib.sha256(message.payload).hexdigest()
+            if exc.reason in _AGAIN and self._already_have(exc.device, digest):
+                self.stats.redelivered += 1
+                log.debug(
+                    "update %s of %s delivered again; already stored", digest[:12], exc.device
+                )
+                return
+            self._reject(exc, size, current, digest)
             return
         header = accepted.header
         self._counters[header.device] = header.counter
         self._pending.append((accepted, target))
         self._pending_devices.add(header.device)
+
+    def _presence(self, device: str, message: Message) -> None:
+        """Online/offline from a device's own presence topic (the broker's ACL lets only
+        that device write it). Anything but ``online``/``offline`` (an empty message clears
+        a retained topic) says nothing; a retained message, older than any live one, applies
+        only while no live message has told the state."""
+        if message.payload not in (b"online", b"offline"):
+            return
+        if message.retain and device in self._live_presence:
+            return
+        if not message.retain:
+            self._live_presence.add(device)
+        if message.payload == b"online":
+            self.stats.online.add(device)
+        else:
+            self.stats.online.discard(device)
+
+    def _already_have(self, device: str | None, digest: str) -> bool:
+        if device is None:
+            return False
+        if any(a.digest == digest for a, _ in self._pending):
+            return True
+        return self.store.has_update(self.task.id, device, digest)
 
     @property
     def _async(self) -> AsynchronousSection | None:
@@ -345,6 +411,7 @@ class Gateway:
     def _flush(self) -> None:
         """Durable first: accepted updates count only once their batch is committed."""
         if not self._pending and not self._pending_rejections:
+            self._acknowledge()
             return
         now = self._clock()
         batch = [
@@ -377,6 +444,13 @@ class Gateway:
         self._pending = []
         self._pending_devices = set()
         self._pending_rejections = []
+        self._acknowledge()
+
+    def _acknowledge(self) -> None:
+        """PUBACK what the batch held, now that it is durable (or needed no storing)."""
+        for message in self._to_ack:
+            message.acknowledge()
+        self._to_ack = []
 
     def _count(
         self,
@@ -428,11 +502,22 @@ class Gateway:
 
     # ------------------------------------------------------------------ rounds
     def _open_round(
-        self, round_: int, params: Params, base_hash: str, *, resume: bool = False
+        self,
+        round_: int,
+        params: Params,
+        base_hash: str,
+        *,
+        resume: tuple[float, float] | None = None,
     ) -> None:
-        now = self._clock()
-        deadline = now + self.task.round_timeout
-        self.store.open_round(self.task.id, round_, base_hash, now, deadline)
+        """Open ``round_``, or with ``resume=(opened_at, deadline)`` rebuild it as the store
+        holds it: the deadline stays absolute, so a gateway restarting more often than the
+        round timeout still reaches it."""
+        if resume is not None:
+            now, deadline = resume
+        else:
+            now = self._clock()
+            deadline = now + self.task.round_timeout
+            self.store.open_round(self.task.id, round_, base_hash, now, deadline)
         current = _OpenRound(
             round=round_,
             base_hash=base_hash,
@@ -442,13 +527,13 @@ class Gateway:
             accumulator=self._new_aggregator(),
         )
         if self._async is not None:
-            self._advance_window(round_, base_hash, resume=resume)
-        if resume or self._async is not None:
+            self._advance_window(round_, base_hash, resume=resume is not None)
+        if resume is not None or self._async is not None:
             # Asynchronous rounds: a buffer may hold updates before it opens (passed on by
             # a full buffer before it).
             for stored in self.store.updates(self.task.id, round_):
                 self._add_stored(current, stored)
-        if resume:
+        if resume is not None:
             for rejection in self.store.rejections(self.task.id, round_):
                 current.rejected[rejection["reason"]] += 1
                 current.rejections.append(rejection)
@@ -466,11 +551,7 @@ class Gateway:
         assert self._async is not None
         oldest = round_ - self._async.max_staleness
         if resume or not self._bases:
-            self._bases = {
-                row.round: row.base_hash
-                for row in self.store.rounds(self.task.id)
-                if row.round >= oldest
-            }
+            self._bases = self.store.bases_since(self.task.id, oldest)
             self._occupancy, self._trained_on = {}, set()
             # Updates based on a round in the window are counted from there to
             # ``max_staleness`` rounds later.
@@ -795,11 +876,7 @@ class Gateway:
         anchoring failed (ledger down) is retried before any later one. True when the
         ledger holds every closed round.
         """
-        pending = [
-            row
-            for row in self.store.rounds(self.task.id)
-            if row.status == "closed" and not row.ledgered and row.record is not None
-        ]
+        pending = [row for row in self.store.unledgered(self.task.id) if row.record is not None]
         return all(self._anchor(row.round, row.record) for row in pending)
 
     def _register(self, initial_hash: str) -> None:

@@ -58,6 +58,9 @@ CREATE TABLE IF NOT EXISTS counters (
     device  TEXT PRIMARY KEY,
     counter INTEGER NOT NULL
 );
+CREATE INDEX IF NOT EXISTS updates_by_device ON updates (task, device, digest);
+CREATE INDEX IF NOT EXISTS rounds_unledgered ON rounds (task, round)
+    WHERE status = 'closed' AND ledgered = 0;
 CREATE TABLE IF NOT EXISTS rejections (
     id          INTEGER PRIMARY KEY,
     task        TEXT,
@@ -252,12 +255,45 @@ class UpdateStore:
         )
 
     def rounds(self, task: str) -> list[RoundRow]:
+        """Every round of the task (audits and reports; the gateway's loop never reads them
+        all)."""
+        return self._round_rows("WHERE task = ? ORDER BY round", (task,))
+
+    def last_round(self, task: str) -> RoundRow | None:
+        """The task's newest round (open or closed): a start resumes from it."""
+        rows = self._round_rows("WHERE task = ? ORDER BY round DESC LIMIT 1", (task,))
+        return rows[0] if rows else None
+
+    def unledgered(self, task: str) -> list[RoundRow]:
+        """Closed rounds the ledger does not have yet, in order (a partial index: the cost
+        is the number of such rounds, not the task's age)."""
+        return self._round_rows(
+            "WHERE task = ? AND status = 'closed' AND ledgered = 0 ORDER BY round", (task,)
+        )
+
+    def bases_since(self, task: str, first: int) -> dict[int, str]:
+        """The base model of each round from ``first`` on."""
+        rows = self._db.execute(
+            "SELECT round, base_hash FROM rounds WHERE task = ? AND round >= ?", (task, first)
+        ).fetchall()
+        return {int(r): h for r, h in rows}
+
+    def _round_rows(self, where: str, args: tuple) -> list[RoundRow]:
         rows = self._db.execute(
             "SELECT task, round, base_hash, opened_at, deadline, status, new_hash, record,"
-            " ledgered FROM rounds WHERE task = ? ORDER BY round",
-            (task,),
+            f" ledgered FROM rounds {where}",
+            args,
         ).fetchall()
         return [RoundRow(*r[:7], json.loads(r[7]) if r[7] else None, bool(r[8])) for r in rows]
+
+    def has_update(self, task: str, device: str, digest: str) -> bool:
+        """Whether this exact update (frame digest) of ``device`` is stored: a message the
+        broker delivers again, or a device re-sends, after a crash."""
+        row = self._db.execute(
+            "SELECT 1 FROM updates WHERE task = ? AND device = ? AND digest = ? LIMIT 1",
+            (task, device, digest),
+        ).fetchone()
+        return row is not None
 
     # updates and rejections
     def write_batch(self, updates: list[PendingUpdate], rejections: list[PendingRejection]) -> None:
