@@ -67,8 +67,6 @@ def main() -> None:
     # Training runs on one BLAS thread anyway (EdgeAgent limits it); without this, OpenBLAS
     # starts a thread per core, each with its buffers, when NumPy is imported. Only a default.
     os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
-    from fedcore import FedledgerError
-
     logging.basicConfig(
         level=getattr(logging, log_level.upper()),
         handlers=[logging.StreamHandler(sys.stderr)],
@@ -77,10 +75,9 @@ def main() -> None:
     )
     try:
         run_agent(config)
-    except FedledgerError as exc:
-        # What fedledger.cli.main prints (rich only adds colour, on a terminal).
-        print(f"error: {exc}", file=sys.stderr)
-        sys.exit(2)
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        sys.exit(130)
+    except BaseException as exc:  # every error becomes one line
+        if isinstance(exc, SystemExit):
+            raise
+        from ._errors import report
+
+        sys.exit(report(exc))

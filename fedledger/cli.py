@@ -18,7 +18,7 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
-from fedcore import DEFAULT_MAX_MESSAGE_BYTES, FedledgerError
+from fedcore import DEFAULT_MAX_MESSAGE_BYTES
 
 from . import __version__
 
@@ -1149,11 +1149,6 @@ def _print_bench(result: dict, as_json: bool) -> None:
 
 
 def main() -> None:
-    try:
-        app()
-    except FedledgerError as exc:
-        err.print(f"[red]error:[/] {exc}", highlight=False, soft_wrap=True)
-        sys.exit(2)
-    except KeyboardInterrupt:
-        err.print("interrupted")
-        sys.exit(130)
+    from ._command import run
+
+    sys.exit(run(app))
