@@ -89,9 +89,16 @@ def demo(
         float,
         typer.Option(min=0.01, help="Dirichlet concentration of the label split (small = skewed)."),
     ] = 0.5,
-    json_path: Annotated[
+    as_json: Annotated[
+        bool, typer.Option("--json", help="Print the JSON report on stdout (no live table).")
+    ] = False,
+    out: Annotated[
         Path | None,
-        typer.Option("--json", help="Write the JSON report here (a PNG plot goes beside it)."),
+        typer.Option(
+            "--out",
+            help="Write the JSON report here (a PNG plot goes beside it; default:"
+            " report.json in --workdir).",
+        ),
     ] = None,
     workdir: Annotated[
         Path, typer.Option(help="Keys, configs, data, store and ledger go here (recreated).")
@@ -165,7 +172,7 @@ def demo(
         seed=seed,
         alpha=alpha,
         workdir=workdir,
-        json_path=json_path,
+        json_path=out,
         plot=plot,
         agents=agents,
         secure=secure,
@@ -173,10 +180,13 @@ def demo(
             rounds=rounds, codec=codec, model=model, epochs=epochs, lr=lr, aggregation=aggregation
         ),
     )
-    table = RoundTable(console, rounds=rounds, devices=devices, enabled=not quiet)
+    table = RoundTable(console, rounds=rounds, devices=devices, enabled=not (quiet or as_json))
     with table:
         report = run_demo(options, on_round=table.add, on_status=table.status)
-    table.summary(report)
+    if as_json:
+        sys.stdout.write(json.dumps(report, indent=2) + "\n")
+    else:
+        table.summary(report)
     if not report["ledger_verified"]:
         raise typer.Exit(1)
 
@@ -900,9 +910,14 @@ def data_split(
         Path, typer.Option(help="Folder for device-NN/data.npz, holdout.npz, manifest.json.")
     ],
     devices: Annotated[int, typer.Option(min=1, help="Number of devices.")] = 10,
-    dirichlet: Annotated[
+    alpha: Annotated[
         float | None,
-        typer.Option(help="Non-IID: label shares per device ~ Dirichlet(ALPHA); small is skewed."),
+        typer.Option(
+            "--alpha",
+            "--dirichlet",
+            help="Non-IID: label shares per device ~ Dirichlet(ALPHA); small is skewed"
+            " (--dirichlet is the old name).",
+        ),
     ] = None,
     iid: Annotated[bool, typer.Option("--iid", help="IID: shuffle and deal out evenly.")] = False,
     dataset: Annotated[str, typer.Option(help="A bundled data set: breast_cancer or digits.")] = (
@@ -932,10 +947,10 @@ def data_split(
         write_split,
     )
 
-    if (dirichlet is None) == (not iid):
-        raise typer.BadParameter("give exactly one of --dirichlet ALPHA or --iid")
-    if dirichlet is not None and dirichlet <= 0:
-        raise typer.BadParameter("must be positive", param_hint="--dirichlet")
+    if (alpha is None) == (not iid):
+        raise typer.BadParameter("give exactly one of --alpha ALPHA or --iid")
+    if alpha is not None and alpha <= 0:
+        raise typer.BadParameter("must be positive", param_hint="--alpha")
     try:
         if csv is not None:
             x, y = load_local_data(csv)
@@ -945,17 +960,17 @@ def data_split(
         if iid:
             parts = iid_partition(len(data.y_train), devices, seed=seed)
         else:
-            parts = dirichlet_partition(data.y_train, devices, alpha=dirichlet, seed=seed)
+            parts = dirichlet_partition(data.y_train, devices, alpha=alpha, seed=seed)
     except ValueError as exc:
         raise typer.BadParameter(str(exc)) from None
-    how = {"split": "iid"} if iid else {"split": "dirichlet", "alpha": dirichlet}
+    how = {"split": "iid"} if iid else {"split": "dirichlet", "alpha": alpha}
     manifest = write_split(out, data, parts, description={**how, "seed": seed})
     if as_json:
         sys.stdout.write(json.dumps(manifest, indent=2) + "\n")
         return
     from rich.table import Table
 
-    kind = "IID" if iid else f"Dirichlet alpha={dirichlet}"
+    kind = "IID" if iid else f"Dirichlet alpha={alpha}"
     table = Table(title=f"{data.name}: {kind} over {devices} devices, {len(data.y_test)} held out")
     for column in ("device", "samples", "labels"):
         table.add_column(column)

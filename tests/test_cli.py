@@ -22,7 +22,7 @@ def test_demo_writes_report_plot_and_a_verifiable_ledger(tmp_path, mosquitto):
     report_path = tmp_path / "out" / "report.json"
     done = run(
         "demo", "--devices", "3", "--rounds", "2", "--seed", "1", "--epochs", "2",
-        "--json", str(report_path), "--workdir", str(tmp_path / "work"), cwd=tmp_path,
+        "--out", str(report_path), "--workdir", str(tmp_path / "work"), cwd=tmp_path,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr + done.stdout
     report = json.loads(report_path.read_text())
@@ -133,7 +133,7 @@ def test_history_and_device_commands(tmp_path, mosquitto):
     report_path = tmp_path / "report.json"
     done = run(
         "demo", "--devices", "3", "--rounds", "2", "--agents", "thread", "--no-plot", "--quiet",
-        "--json", str(report_path), "--workdir", str(tmp_path / "work"), cwd=tmp_path,
+        "--out", str(report_path), "--workdir", str(tmp_path / "work"), cwd=tmp_path,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr
     report = json.loads(report_path.read_text())
@@ -215,7 +215,7 @@ def test_secure_demo_runs_over_mutual_tls(tmp_path):
     report_path = tmp_path / "report.json"
     done = run(
         "demo", "--secure", "--devices", "3", "--rounds", "2", "--agents", "thread", "--no-plot",
-        "--json", str(report_path), "--workdir", str(tmp_path / "work"), cwd=tmp_path,
+        "--out", str(report_path), "--workdir", str(tmp_path / "work"), cwd=tmp_path,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr + done.stdout
     report = json.loads(report_path.read_text())
@@ -254,7 +254,7 @@ def test_model_export_from_the_store_runs_on_device_runtimes(tmp_path):
     report_path = tmp_path / "report.json"
     done = run(
         "demo", "--devices", "3", "--rounds", "2", "--agents", "thread", "--no-plot", "--quiet",
-        "--json", str(report_path), "--workdir", str(tmp_path / "work"), cwd=tmp_path,
+        "--out", str(report_path), "--workdir", str(tmp_path / "work"), cwd=tmp_path,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr
     report = json.loads(report_path.read_text())
@@ -282,7 +282,7 @@ def test_data_split_writes_device_files_and_a_manifest(tmp_path):
 
     from fedcore import load_local_data
 
-    done = run("data", "split", "--out", str(tmp_path / "s"), "--devices", "4", "--dirichlet", "0.5",
+    done = run("data", "split", "--out", str(tmp_path / "s"), "--devices", "4", "--alpha", "0.5",
                "--dataset", "digits", "--seed", "3", "--json")  # fmt: skip
     assert done.returncode == 0, done.stderr
     manifest = json.loads(done.stdout)
@@ -311,7 +311,7 @@ def test_data_split_iid_from_a_csv(tmp_path):
     assert [d["samples"] for d in manifest["devices"]] == [8, 8, 8, 8]
     assert manifest["holdout"]["samples"] == 8
     bad = run(
-        "data", "split", "--out", str(tmp_path / "u"), "--devices", "2", "--iid", "--dirichlet", "1"
+        "data", "split", "--out", str(tmp_path / "u"), "--devices", "2", "--iid", "--alpha", "1"
     )
     assert bad.returncode == 2 and "exactly one" in bad.stderr
 
