@@ -34,10 +34,13 @@ from ._codec import (
 from ._config import BrokerSection, StrictModel, load_config, resolve_path, validate_config
 from ._data import (
     LABEL_RULES,
+    CsvTable,
     SignalWindower,
+    check_labels,
     collect_windows,
     load_local_data,
     load_signal_windows,
+    read_csv_table,
     read_signal_chunks,
     window_signal,
 )
@@ -95,7 +98,7 @@ from ._signing import (
     signer_from_key,
     verify_signature,
 )
-from ._task import TaskSpec, load_task
+from ._task import ColumnsSection, TaskSpec, load_task
 from ._topics import (
     IDENTIFIER,
     device_from_topic,
@@ -183,7 +186,9 @@ __all__ = [
     "CertificateError",
     "CertificateTrust",
     "CodecError",
+    "ColumnsSection",
     "ConfigError",
+    "CsvTable",
     "DecryptError",
     "DeviceBudgetError",
     "DeviceClass",
@@ -219,6 +224,7 @@ __all__ = [
     "certificate_signer",
     "check_folder",
     "check_key_matches",
+    "check_labels",
     "check_task_fits",
     "claim_folder",
     "collect_windows",
@@ -261,6 +267,7 @@ __all__ = [
     "quantize_int4",
     "quantize_int8",
     "quantize_int8_channels",
+    "read_csv_table",
     "read_marker",
     "read_signal_chunks",
     "remove_owned_folder",
