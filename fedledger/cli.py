@@ -64,6 +64,17 @@ def _logging(level: str, *, file: Path | None = None, quiet: bool = False) -> No
     )
 
 
+BrokerOption = Annotated[
+    str | None,
+    typer.Option(
+        "--broker",
+        metavar="HOST:PORT",
+        help="The MQTT broker to use instead of the config file's (default: $FEDLEDGER_BROKER,"
+        " else the file's [broker]).",
+    ),
+]
+
+
 def _stop_on_sigterm() -> threading.Event:
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
@@ -186,6 +197,7 @@ def demo(
 def agent_run(
     config: Annotated[Path, typer.Option("--config", "-c", help="Agent config file (TOML).")],
     log_level: LogLevel = "info",
+    broker: BrokerOption = None,
 ) -> None:
     """Run an edge agent until stopped (or until the task ends, with exit_on_final).
 
@@ -196,7 +208,7 @@ def agent_run(
     from ._entry import run_agent
 
     _logging(log_level)
-    run_agent(str(config))
+    run_agent(str(config), broker)
 
 
 @agent_app.command("device-class")
@@ -224,6 +236,7 @@ def agent_device_class(
 def gateway_run(
     config: Annotated[Path, typer.Option("--config", "-c", help="Gateway config file (TOML).")],
     log_level: LogLevel = "info",
+    broker: BrokerOption = None,
 ) -> None:
     """Run a gateway until its task's last round is closed (or until stopped).
 
@@ -234,6 +247,7 @@ def gateway_run(
 
     _logging(log_level)
     cfg = load_gateway_config(config)
+    cfg = cfg.model_copy(update={"broker": cfg.broker.overridden(broker)})
     gw = open_gateway(cfg)
     stop = _stop_on_sigterm()
     try:
