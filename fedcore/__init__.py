@@ -31,7 +31,14 @@ from ._codec import (
     quantize_int8_channels,
     topk_with_feedback,
 )
-from ._config import BrokerSection, StrictModel, load_config, resolve_path, validate_config
+from ._config import (
+    BrokerSection,
+    StrictModel,
+    load_config,
+    parse_broker_address,
+    resolve_path,
+    validate_config,
+)
 from ._data import (
     LABEL_RULES,
     CsvTable,
@@ -260,6 +267,7 @@ __all__ = [
     "model_payload",
     "model_topic",
     "open_update_payload",
+    "parse_broker_address",
     "predict_logits",
     "presence_subscription",
     "presence_topic",
