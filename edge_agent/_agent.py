@@ -145,6 +145,12 @@ class EdgeAgent:
                 f"local data has {self.x.shape[1]} features, the task's model expects "
                 f"{self.spec.n_features}"
             )
+        bad = np.flatnonzero((self.y < 0) | (self.y >= self.spec.n_classes))
+        if len(bad):
+            raise AgentError(
+                f"local data row {int(bad[0])} has label {int(self.y[bad[0]])}, outside the"
+                f" task's {self.spec.n_classes} classes"
+            )
         self._signer = signer
         self._certificate = certificate
         self._seal_to = seal_to

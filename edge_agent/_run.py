@@ -16,6 +16,7 @@ from fedcore import (
     certificate_der,
     certificate_signer,
     check_key_matches,
+    check_labels,
     load_certificate,
     load_device_class,
     load_ec_private_key,
@@ -33,6 +34,8 @@ from ._agent import EdgeAgent
 from ._config import AgentConfig, AgentSection
 
 if TYPE_CHECKING:
+    from fedcore._data import Columns
+
     from ._metrics import AgentMetrics
 
 
@@ -92,7 +95,7 @@ def open_agent(
         gateway_key=gateway_key,
         certificate=certificate,
         seal_to=seal_to,
-        data=local_data(a, task.model_spec(), source=source),
+        data=local_data(a, task.model_spec(), source=source, columns=task.columns),
         state_path=a.state,
         metrics=metrics,
         device_class=device_class,
@@ -104,14 +107,15 @@ def open_agent(
 
 
 def local_data(
-    section: AgentSection, spec: ModelSpec, *, source: str
+    section: AgentSection, spec: ModelSpec, *, source: str, columns: Columns | None = None
 ) -> tuple[np.ndarray, np.ndarray]:
     """The agent's training set: a table, or the windows of a signal (``[agent.signal]``)
     shaped for the task's model: its cnn1d window and channels, or for a dense model
-    ``n_features / window`` channels."""
+    ``n_features / window`` channels. ``columns`` (the task's) reads a CSV table by column
+    name. Every label must be one of the task's classes: checked here, with its row."""
     signal = section.signal
     if signal is None:
-        return load_local_data(section.data)
+        return load_local_data(section.data, n_classes=spec.n_classes, columns=columns)
     key = "agent.signal.window"
     window = signal.window or spec.window
     if spec.kind == "cnn1d" and window != spec.window:
@@ -122,7 +126,7 @@ def local_data(
     if spec.n_features % window:
         message = f"does not divide the task's {spec.n_features} features"
         raise ConfigError(message, file=source, key=key)
-    return load_signal_windows(
+    x, y = load_signal_windows(
         section.data,
         window=window,
         stride=signal.stride or max(window // 2, 1),
@@ -131,3 +135,5 @@ def local_data(
         label=signal.label,
         max_windows=signal.max_windows,
     )
+    check_labels(y, spec.n_classes, file=str(section.data), row=lambda i: f"window {i}")
+    return x, y

@@ -31,13 +31,23 @@ from ._codec import (
     quantize_int8_channels,
     topk_with_feedback,
 )
-from ._config import BrokerSection, StrictModel, load_config, resolve_path, validate_config
+from ._config import (
+    BrokerSection,
+    StrictModel,
+    load_config,
+    parse_broker_address,
+    resolve_path,
+    validate_config,
+)
 from ._data import (
     LABEL_RULES,
+    CsvTable,
     SignalWindower,
+    check_labels,
     collect_windows,
     load_local_data,
     load_signal_windows,
+    read_csv_table,
     read_signal_chunks,
     window_signal,
 )
@@ -95,7 +105,7 @@ from ._signing import (
     signer_from_key,
     verify_signature,
 )
-from ._task import TaskSpec, load_task
+from ._task import ColumnsSection, TaskSpec, load_task
 from ._topics import (
     IDENTIFIER,
     device_from_topic,
@@ -183,7 +193,9 @@ __all__ = [
     "CertificateError",
     "CertificateTrust",
     "CodecError",
+    "ColumnsSection",
     "ConfigError",
+    "CsvTable",
     "DecryptError",
     "DeviceBudgetError",
     "DeviceClass",
@@ -219,6 +231,7 @@ __all__ = [
     "certificate_signer",
     "check_folder",
     "check_key_matches",
+    "check_labels",
     "check_task_fits",
     "claim_folder",
     "collect_windows",
@@ -254,6 +267,7 @@ __all__ = [
     "model_payload",
     "model_topic",
     "open_update_payload",
+    "parse_broker_address",
     "predict_logits",
     "presence_subscription",
     "presence_topic",
@@ -261,6 +275,7 @@ __all__ = [
     "quantize_int4",
     "quantize_int8",
     "quantize_int8_channels",
+    "read_csv_table",
     "read_marker",
     "read_signal_chunks",
     "remove_owned_folder",

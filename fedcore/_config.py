@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any, ClassVar, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
@@ -29,6 +30,9 @@ class StrictModel(BaseModel):
 class BrokerSection(StrictModel):
     """Where the MQTT broker is; shared by agent and gateway configs."""
 
+    #: The environment variable that overrides ``host`` and ``port`` (``host:port``).
+    ENV: ClassVar[str] = "FEDLEDGER_BROKER"
+
     host: str = "127.0.0.1"
     port: Annotated[int, Field(ge=1, le=65535)] = 1883
     keepalive: Annotated[int, Field(ge=5, le=3600)] = 30
@@ -43,6 +47,20 @@ class BrokerSection(StrictModel):
     def _relative_to_file(cls, value: Any, info: Any) -> Path | None:
         return None if value is None else resolve_path(value, info)
 
+    def overridden(
+        self, address: str | None = None, *, environ: Mapping[str, str] = os.environ
+    ) -> BrokerSection:
+        """This section with host and port from ``address`` (a ``--broker`` option), else
+        from ``$FEDLEDGER_BROKER``, else as the file says: the same site files run against
+        another broker without being edited. TLS settings stay those of the file."""
+        source = "--broker"
+        if not address:
+            address, source = environ.get(self.ENV) or None, self.ENV
+        if address is None:
+            return self
+        host, port = parse_broker_address(address, source=source)
+        return self.model_copy(update={"host": host, "port": port})
+
     def mqtt_settings(self, **more: Any) -> MqttSettings:
         """The transport settings for this section (plus client id, will...)."""
         return MqttSettings(
@@ -54,6 +72,17 @@ class BrokerSection(StrictModel):
             tls_key=self.tls_key,
             **more,
         )
+
+
+def parse_broker_address(address: str, *, source: str = "--broker") -> tuple[str, int]:
+    """``host:port`` (``[v6]:port`` for an IPv6 address) as ``(host, port)``; a bad one is a
+    :class:`ConfigError` naming ``source`` (the option or the environment variable)."""
+    host, sep, port = address.strip().rpartition(":")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    if not sep or not host or not port.isdigit() or not 1 <= int(port) <= 65535:
+        raise ConfigError(f"{address!r} is not host:port (port 1-65535)", key=source)
+    return host, int(port)
 
 
 def load_config(path: str | os.PathLike[str], model: type[T]) -> T:

@@ -7,19 +7,39 @@ later window still needs, so a recording longer than a device's memory can still
 
 from __future__ import annotations
 
+import csv
 import itertools
+import math
 import os
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 
 from ._errors import ConfigError
 
 
-def load_local_data(path: str | os.PathLike[str]) -> tuple[np.ndarray, np.ndarray]:
-    """Read ``.npz`` (arrays ``x``, ``y``) or ``.csv`` (label in the last column)."""
+def load_local_data(
+    path: str | os.PathLike[str],
+    *,
+    n_classes: int | None = None,
+    columns: Columns | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Read ``.npz`` (arrays ``x``, ``y``) or ``.csv``: with ``columns`` (a task's
+    ``[columns]``) a CSV with a header row read by column name (:func:`read_csv_table`),
+    without it one with the label in the last column.
+
+    ``n_classes`` (the task's): a label outside ``0..n_classes - 1`` is refused here, with
+    the row it is on, rather than failing somewhere inside training."""
     path = Path(path)
+    if path.suffix == ".csv" and columns is not None:
+        table = read_csv_table(
+            path, label=columns.label, features=columns.features, classes=columns.classes
+        )
+        return table.x, table.y
+    header = 0
     try:
         if path.suffix == ".npz":
             with np.load(path, allow_pickle=False) as data:
@@ -27,7 +47,8 @@ def load_local_data(path: str | os.PathLike[str]) -> tuple[np.ndarray, np.ndarra
                     raise ConfigError("expected arrays 'x' and 'y'", file=str(path))
                 x, y = data["x"], data["y"]
         elif path.suffix == ".csv":
-            table = np.loadtxt(path, delimiter=",", ndmin=2, skiprows=_header_rows(path))
+            header = _header_rows(path)
+            table = np.loadtxt(path, delimiter=",", ndmin=2, skiprows=header)
             x, y = table[:, :-1], table[:, -1]
         else:
             raise ConfigError("data must be a .npz or .csv file", file=str(path))
@@ -42,7 +63,180 @@ def load_local_data(path: str | os.PathLike[str]) -> tuple[np.ndarray, np.ndarra
         raise ConfigError("features hold NaN or Inf", file=str(path))
     if not np.all(np.equal(np.mod(y, 1), 0)):
         raise ConfigError("labels must be integers", file=str(path))
-    return x, np.asarray(y, dtype=np.int64)
+    y = np.asarray(y, dtype=np.int64)
+    if n_classes is not None:
+        # A CSV row is named by its line (the header is line 1), an array row by its index.
+        check_labels(y, n_classes, file=str(path), row=_row_namer(path.suffix, header))
+    return x, y
+
+
+def _row_namer(suffix: str, header: int):
+    if suffix == ".csv":
+        return lambda i: f"row {i + 1 + header}"
+    return lambda i: f"y[{i}]"
+
+
+def check_labels(
+    y: np.ndarray,
+    n_classes: int,
+    *,
+    file: str | None = None,
+    row=lambda i: f"row {i}",
+) -> None:
+    """Refuse labels outside ``0..n_classes - 1``, naming the first one and its row."""
+    bad = np.flatnonzero((y < 0) | (y >= n_classes))
+    if len(bad):
+        i = int(bad[0])
+        raise ConfigError(
+            f"{row(i)}: label {int(y[i])} is outside the task's {n_classes} classes"
+            f" (0..{n_classes - 1}); {len(bad)} row(s) like it",
+            file=file,
+        )
+
+
+class Columns(Protocol):
+    label: str
+    features: Sequence[str]
+    classes: Sequence[str]
+
+
+@dataclass(frozen=True)
+class CsvTable:
+    """A CSV table read by :func:`read_csv_table`: ``x`` (float32), ``y`` (class indices),
+    the feature columns in ``x``'s order and the label values, ``classes[i]`` being class i."""
+
+    x: np.ndarray
+    y: np.ndarray
+    features: tuple[str, ...]
+    classes: tuple[str, ...]
+
+
+#: Cell values that mean "no value": refused rather than guessed.
+_MISSING = {"", "na", "n/a", "nan", "null", "none", "?", "-"}
+
+
+def read_csv_table(
+    path: str | os.PathLike[str],
+    *,
+    label: str,
+    features: Sequence[str] | None = None,
+    classes: Sequence[str] | None = None,
+) -> CsvTable:
+    """Read a CSV whose first row names the columns.
+
+    ``features`` (default: every column but ``label``, in file order) are read by name, so
+    the columns may come in any order and extra ones are ignored. Labels are names:
+    ``classes`` given, each label must be one of them (class ``i`` is ``classes[i]``);
+    unset, the classes are found here: whole numbers ``0..max`` when every label is one,
+    else the distinct label strings in sorted order. A missing or non-numeric feature, a
+    missing or unknown label, a row of the wrong width: each is refused as one
+    :class:`ConfigError` naming the file, the row (the file's line: the header is row 1)
+    and the column.
+    """
+    path = Path(path)
+    file = str(path)
+    try:
+        with path.open(encoding="utf-8-sig", newline="") as handle:
+            rows = list(csv.reader(handle))
+    except FileNotFoundError:
+        raise ConfigError("file not found", file=file) from None
+    except (OSError, UnicodeDecodeError, csv.Error) as exc:
+        raise ConfigError(f"cannot read CSV: {exc}", file=file) from None
+    if not rows:
+        raise ConfigError("empty file: expected a header row naming the columns", file=file)
+    header = [name.strip() for name in rows[0]]
+    if len(set(header)) != len(header):
+        twice = sorted({n for n in header if header.count(n) > 1})
+        raise ConfigError(f"row 1: column {twice[0]!r} is named twice", file=file)
+    if label not in header:
+        raise ConfigError(
+            f"row 1: no label column {label!r} (columns: {', '.join(header)})", file=file
+        )
+    if features is None:
+        features = [name for name in header if name != label]
+    missing = [name for name in features if name not in header]
+    if missing:
+        raise ConfigError(
+            f"row 1: no column {missing[0]!r}, which the task reads as a feature"
+            f" ({len(missing)} missing)",
+            file=file,
+        )
+    if not features:
+        raise ConfigError("row 1: no feature columns besides the label", file=file)
+    index = [header.index(name) for name in features]
+    label_index = header.index(label)
+    x = np.empty((max(len(rows) - 1, 0), len(features)), dtype=np.float32)
+    labels: list[str] = []
+    lines: list[int] = []
+    n = 0
+    for line, row in enumerate(rows[1:], start=2):
+        if not row or (len(row) == 1 and not row[0].strip()):
+            continue  # a blank line
+        if len(row) != len(header):
+            raise ConfigError(f"row {line}: {len(row)} values for {len(header)} columns", file=file)
+        for j, (name, col) in enumerate(zip(features, index, strict=True)):
+            x[n, j] = _number(row[col], file=file, line=line, column=name)
+        value = row[label_index].strip()
+        if value.lower() in _MISSING:
+            raise ConfigError(f"row {line}, column {label!r}: missing label", file=file)
+        labels.append(value)
+        lines.append(line)
+        n += 1
+    if n == 0:
+        raise ConfigError("no data rows after the header", file=file)
+    x = x[:n]
+    if classes is None:
+        classes = _find_classes(labels)
+        if len(classes) < 2:
+            raise ConfigError(
+                f"column {label!r}: only one class ({classes[0]!r}); a task needs two or more",
+                file=file,
+            )
+    classes = tuple(classes)
+    lookup = {name: i for i, name in enumerate(classes)}
+    y = np.empty(n, dtype=np.int64)
+    for k, value in enumerate(labels):
+        i = lookup.get(value, lookup.get(_whole(value)))
+        if i is None:
+            shown = ", ".join(classes[:10]) + (", ..." if len(classes) > 10 else "")
+            raise ConfigError(
+                f"row {lines[k]}, column {label!r}: label {value!r} is not one of the"
+                f" task's {len(classes)} classes ({shown})",
+                file=file,
+            )
+        y[k] = i
+    return CsvTable(x, y, tuple(features), classes)
+
+
+def _number(text: str, *, file: str, line: int, column: str) -> float:
+    value = text.strip()
+    if value.lower() in _MISSING:
+        raise ConfigError(f"row {line}, column {column!r}: missing value", file=file)
+    try:
+        number = float(value)
+    except ValueError:
+        raise ConfigError(
+            f"row {line}, column {column!r}: {value[:40]!r} is not a number", file=file
+        ) from None
+    if not math.isfinite(number):
+        raise ConfigError(f"row {line}, column {column!r}: {value!r} is not finite", file=file)
+    return number
+
+
+def _whole(value: str) -> str:
+    """``value`` as a whole number's digits (``"1.0"`` -> ``"1"``), or ``value`` itself."""
+    try:
+        number = float(value)
+    except ValueError:
+        return value
+    return str(int(number)) if math.isfinite(number) and number.is_integer() else value
+
+
+def _find_classes(labels: list[str]) -> tuple[str, ...]:
+    whole = {_whole(v) for v in labels}
+    if all(v.isdigit() for v in whole):
+        return tuple(str(i) for i in range(max(int(v) for v in whole) + 1))
+    return tuple(sorted(set(labels)))
 
 
 def _header_rows(path: Path) -> int:

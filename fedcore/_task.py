@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 from typing import Annotated, Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from ._canonical import canonical_json, sha256_hex
 from ._config import StrictModel, load_config
@@ -72,6 +72,29 @@ class AsynchronousSection(StrictModel):
     staleness_exponent: Annotated[float, Field(ge=0, le=10)] = 0.5
 
 
+class ColumnsSection(StrictModel):
+    """How a table with a header row (``.csv``) maps to the model, so a device reads its own
+    CSV as the task owner read the held-out one: features by name, in this order, whatever
+    the column order of the file; labels by name, class ``i`` being ``classes[i]``."""
+
+    #: The label column.
+    label: Annotated[str, Field(min_length=1)]
+    #: The feature columns, in the model's input order.
+    features: Annotated[list[Annotated[str, Field(min_length=1)]], Field(min_length=1)]
+    #: The label values, one per class: ``classes[i]`` is class ``i``.
+    classes: Annotated[list[Annotated[str, Field(min_length=1)]], Field(min_length=2)]
+
+    @model_validator(mode="after")
+    def _distinct(self):
+        for name in ("features", "classes"):
+            values = getattr(self, name)
+            if len(set(values)) != len(values):
+                raise ValueError(f"{name} lists a value twice")
+        if self.label in self.features:
+            raise ValueError(f"the label column {self.label!r} is also a feature")
+        return self
+
+
 class TaskSpec(StrictModel):
     id: Identifier
     rounds: Annotated[int, Field(ge=1, le=MAX_ROUND + 1)] = 10
@@ -100,6 +123,18 @@ class TaskSpec(StrictModel):
     #: Present: buffered asynchronous rounds, each round one model version (``rounds`` of
     #: them); absent: synchronous rounds closed by everyone, or by the deadline with a quorum.
     asynchronous: AsynchronousSection | None = None
+    #: Present: the agents' and the gateway's ``.csv`` data have a header row and are read by
+    #: column name, labels mapped to classes (``fedledger init`` writes it).
+    columns: ColumnsSection | None = None
+
+    @model_validator(mode="after")
+    def _columns_fit_model(self):
+        c, m = self.columns, self.model
+        if c is not None and len(c.features) != m.n_features:
+            raise ValueError(f"columns.features names {len(c.features)} of {m.n_features} features")
+        if c is not None and len(c.classes) != m.n_classes:
+            raise ValueError(f"columns.classes names {len(c.classes)} of {m.n_classes} classes")
+        return self
 
     def aggregation_label(self) -> str:
         """How the ledger names this task's aggregation: the rule, plus the server optimizer
@@ -113,7 +148,8 @@ class TaskSpec(StrictModel):
 
     def spec_hash(self) -> str:
         # An absent section is left out, so synchronous tasks keep the hash they had.
-        exclude = {"asynchronous"} if self.asynchronous is None else None
+        absent = {name for name in ("asynchronous", "columns") if getattr(self, name) is None}
+        exclude = absent or None
         return sha256_hex(canonical_json(self.model_dump(mode="json", exclude=exclude)))
 
 

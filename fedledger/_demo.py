@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import subprocess
 import sys
 import time
@@ -16,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fedcore import accuracy, atomic_write_text, init_params, load_task, train
+from fedcore import BrokerSection, accuracy, atomic_write_text, init_params, load_task, train
 from gateway import RoundResult, UpdateStore, load_gateway_config, open_gateway
 from ledger import EmbeddedLedger
 
@@ -68,6 +69,8 @@ class _Agents:
         if self.mode == "process":
             logs = self.layout.root / "logs"
             logs.mkdir(exist_ok=True)
+            # The demo's agents use the demo's own broker, whatever the environment says.
+            env = {k: v for k, v in os.environ.items() if k != BrokerSection.ENV}
             for device, config in self.layout.agent_configs.items():
                 with (logs / f"{device}.log").open("wb") as out:
                     self._procs.append(
@@ -84,6 +87,7 @@ class _Agents:
                             stdout=out,
                             stderr=subprocess.STDOUT,
                             stdin=subprocess.DEVNULL,
+                            env=env,
                         )
                     )
             return

@@ -19,12 +19,13 @@ import threading
 _LOG_LEVELS = ("debug", "info", "warning", "error")
 
 
-def _parse_agent_run(args: list[str]) -> tuple[str, str] | None:
-    """``(config, log_level)`` of ``agent run [--config|-c PATH] [--log-level LEVEL]``, or
-    ``None`` for anything the typer command should see (and explain) instead."""
+def _parse_agent_run(args: list[str]) -> tuple[str, str, str | None] | None:
+    """``(config, log_level, broker)`` of ``agent run [--config|-c PATH] [--log-level LEVEL]
+    [--broker HOST:PORT]``, or ``None`` for anything the typer command should see (and
+    explain) instead."""
     if args[:2] != ["agent", "run"]:
         return None
-    options = {"--config": None, "-c": None, "--log-level": None}
+    options = {"--config": None, "-c": None, "--log-level": None, "--broker": None}
     rest = args[2:]
     while rest:
         name, sep, value = rest.pop(0).partition("=")
@@ -38,14 +39,19 @@ def _parse_agent_run(args: list[str]) -> tuple[str, str] | None:
     config, level = options["--config"], options["--log-level"] or "info"
     if not config or config.startswith("-") or level.lower() not in _LOG_LEVELS:
         return None
-    return config, level
+    broker = options["--broker"]
+    if broker is not None and (not broker or broker.startswith("-")):
+        return None
+    return config, level, broker
 
 
-def run_agent(config: str) -> None:
-    """The body of ``fedledger agent run`` (logging already set up)."""
+def run_agent(config: str, broker: str | None = None) -> None:
+    """The body of ``fedledger agent run`` (logging already set up): ``broker``
+    (``host:port``), else ``$FEDLEDGER_BROKER``, overrides the config's broker address."""
     from edge_agent import load_agent_config, open_agent
 
     cfg = load_agent_config(config)
+    cfg = cfg.model_copy(update={"broker": cfg.broker.overridden(broker)})
     agent = open_agent(cfg, source=config)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
@@ -63,7 +69,7 @@ def main() -> None:
 
         cli_main()
         return
-    config, log_level = parsed
+    config, log_level, broker = parsed
     # Training runs on one BLAS thread anyway (EdgeAgent limits it); without this, OpenBLAS
     # starts a thread per core, each with its buffers, when NumPy is imported. Only a default.
     os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
@@ -74,7 +80,7 @@ def main() -> None:
         force=True,
     )
     try:
-        run_agent(config)
+        run_agent(config, broker)
     except BaseException as exc:  # every error becomes one line
         if isinstance(exc, SystemExit):
             raise

@@ -64,6 +64,17 @@ def _logging(level: str, *, file: Path | None = None, quiet: bool = False) -> No
     )
 
 
+BrokerOption = Annotated[
+    str | None,
+    typer.Option(
+        "--broker",
+        metavar="HOST:PORT",
+        help="The MQTT broker to use instead of the config file's (default: $FEDLEDGER_BROKER,"
+        " else the file's [broker]).",
+    ),
+]
+
+
 def _stop_on_sigterm() -> threading.Event:
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
@@ -196,6 +207,7 @@ def demo(
 def agent_run(
     config: Annotated[Path, typer.Option("--config", "-c", help="Agent config file (TOML).")],
     log_level: LogLevel = "info",
+    broker: BrokerOption = None,
 ) -> None:
     """Run an edge agent until stopped (or until the task ends, with exit_on_final).
 
@@ -206,7 +218,7 @@ def agent_run(
     from ._entry import run_agent
 
     _logging(log_level)
-    run_agent(str(config))
+    run_agent(str(config), broker)
 
 
 @agent_app.command("device-class")
@@ -234,6 +246,7 @@ def agent_device_class(
 def gateway_run(
     config: Annotated[Path, typer.Option("--config", "-c", help="Gateway config file (TOML).")],
     log_level: LogLevel = "info",
+    broker: BrokerOption = None,
 ) -> None:
     """Run a gateway until its task's last round is closed (or until stopped).
 
@@ -244,6 +257,7 @@ def gateway_run(
 
     _logging(log_level)
     cfg = load_gateway_config(config)
+    cfg = cfg.model_copy(update={"broker": cfg.broker.overridden(broker)})
     gw = open_gateway(cfg)
     stop = _stop_on_sigterm()
     try:
@@ -978,6 +992,210 @@ def data_split(
         table.add_row(d["device"], str(d["samples"]), " ".join(map(str, d["labels"])))
     console.print(table)
     console.print(f"wrote {out / 'manifest.json'}", highlight=False)
+
+
+# ---------------------------------------------------------------- own federation
+device_app = typer.Typer(
+    help="The devices of a site made by 'fedledger init'.", no_args_is_help=True
+)
+app.add_typer(device_app, name="device")
+
+
+@app.command("init")
+def init(
+    site: Annotated[Path, typer.Argument(help="The site folder to create (missing or empty).")],
+    data: Annotated[
+        Path,
+        typer.Option("--data", help="The gateway's held-out CSV: a header row naming the columns."),
+    ],
+    label: Annotated[str, typer.Option("--label", help="The label column of --data.")],
+    task_id: Annotated[str, typer.Option("--task-id", help="The task's id on the ledger.")] = (
+        "my-task"
+    ),
+    model: Annotated[str, typer.Option(help="logreg or mlp.")] = "logreg",
+    hidden: Annotated[int, typer.Option(min=1, help="Hidden units of the mlp.")] = 16,
+    rounds: Annotated[int, typer.Option(min=1, help="Federated rounds.")] = 10,
+    epochs: Annotated[int, typer.Option(min=1, help="Local epochs per round.")] = 5,
+    batch_size: Annotated[int, typer.Option(min=1, help="Local batch size.")] = 16,
+    lr: Annotated[float, typer.Option(min=1e-6, help="Local learning rate.")] = 0.1,
+    codec: Annotated[str, typer.Option(help="Update codec (see 'fedledger demo --help').")] = (
+        "int8"
+    ),
+    aggregation: Annotated[str, typer.Option(help="Aggregation rule, as for the demo.")] = (
+        "fedavg"
+    ),
+    quorum: Annotated[
+        int, typer.Option(min=1, help="Updates that close a round at its deadline.")
+    ] = 1,
+    round_timeout: Annotated[
+        float, typer.Option(min=0.1, help="Seconds a round stays open.")
+    ] = 30.0,
+    classes: Annotated[
+        str | None,
+        typer.Option(
+            help="The label values in class order, comma-separated (default: whole numbers"
+            " 0..max if every label is one, else the labels of --data sorted)."
+        ),
+    ] = None,
+    broker: Annotated[
+        str, typer.Option(metavar="HOST:PORT", help="The MQTT broker gateway and devices use.")
+    ] = "127.0.0.1:1883",
+    org: Annotated[str, typer.Option(help="The organisation (ledger MSP id).")] = "org1",
+    secure: Annotated[
+        bool,
+        typer.Option(
+            help="An organisation CA under SITE/pki: mutual TLS, certificate-signed and sealed"
+            " updates (write the broker's config with 'fedledger broker config')."
+        ),
+    ] = False,
+    seed: Annotated[int, typer.Option(help="Seeds the initial model.")] = 0,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
+) -> None:
+    """Create a site from your own held-out CSV: task (feature statistics from --data only),
+    gateway config, empty registry, the gateway's key and a device config template."""
+    from fedcore import CODECS, parse_broker_address
+    from gateway import AGGREGATION_RULES
+
+    from ._site import SiteOptions, init_site
+
+    if model not in ("logreg", "mlp"):
+        raise typer.BadParameter("must be logreg or mlp", param_hint="--model")
+    if codec not in CODECS:
+        raise typer.BadParameter(f"must be one of {', '.join(CODECS)}", param_hint="--codec")
+    if aggregation not in AGGREGATION_RULES:
+        raise typer.BadParameter(
+            f"must be one of {', '.join(AGGREGATION_RULES)}", param_hint="--aggregation"
+        )
+    host, port = parse_broker_address(broker)
+    names = None
+    if classes is not None:
+        names = tuple(c.strip() for c in classes.split(",") if c.strip())
+    options = SiteOptions(
+        task_id=task_id, rounds=rounds, model=model, hidden=hidden, codec=codec, epochs=epochs,
+        batch_size=batch_size, lr=lr, round_timeout=round_timeout, quorum=quorum,
+        aggregation=aggregation, seed=seed, classes=names, broker_host=host, broker_port=port,
+        org=org, secure=secure,
+    )  # fmt: skip
+    done = init_site(site, data, label, options)
+    result = done.to_dict()
+    counts = ", ".join(f"{k} {v}" for k, v in result["holdout_labels"].items())
+    _report(
+        result,
+        as_json,
+        f"site {result['site']}: task {result['task']} ({result['model']},"
+        f" {result['features']} features, classes {counts} in {result['holdout_rows']}"
+        f" held-out rows); next: fedledger device add {site} NAME --data DEVICE.csv",
+    )
+
+
+@device_app.command("add")
+def device_add(
+    site: Annotated[Path, typer.Argument(help="The site folder ('fedledger init').")],
+    name: Annotated[str, typer.Argument(help="The device id.")],
+    device_class: Annotated[
+        str | None,
+        typer.Option(
+            "--class",
+            help="Its board: a firmware_configs name (pi4, pi5, pi-zero-2w, arm64, or the file"
+            " name) or a device class .toml; the task must fit it.",
+        ),
+    ] = None,
+    data: Annotated[
+        Path | None,
+        typer.Option(
+            "--data",
+            help="The device's CSV (checked now against the task's columns and classes);"
+            " default: data.csv in its folder.",
+        ),
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
+) -> None:
+    """Admit a device: its key (or certificate, on a --secure site), its registry entry and
+    its agent config. An existing name is an error, never replaced."""
+    from ._site import add_device
+
+    done = add_device(site, name, device_class=device_class, data=data)
+    _report(
+        done.to_dict(),
+        as_json,
+        f"device {done.name} added ({done.device_class}): run 'fedledger agent run -c"
+        f" {done.config}'",
+    )
+
+
+@ledger_app.command("register-fleet")
+def ledger_register_fleet(
+    site: Annotated[Path, typer.Option("--site", help="The site folder ('fedledger init').")],
+    db: Annotated[
+        Path | None, typer.Option("--db", help="Embedded ledger file (default: the site's).")
+    ] = None,
+    profile: Annotated[
+        Path | None,
+        typer.Option(help="Register on a Fabric network through this connection profile (TOML)."),
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
+) -> None:
+    """Register every device of the site's registry on the ledger, as the organisation's
+    admin. Running it again changes nothing: devices already there are reported."""
+    from ._site import AdminLedger, open_site
+
+    with AdminLedger(open_site(site), db=db, profile=profile) as chain:
+        results = chain.register_fleet()
+        where = chain.where
+    new = sum(r.status == "registered" for r in results)
+    if as_json:
+        out = {"ledger": where, "devices": [r.to_dict() for r in results], "changed": new > 0}
+        sys.stdout.write(json.dumps(out, indent=2) + "\n")
+        return
+    for r in results:
+        console.print(f"{r.what}: {r.status}", highlight=False)
+    console.print(f"{new} registered, {len(results) - new} already registered on {where}")
+
+
+@ledger_app.command("create-task")
+def ledger_create_task(
+    site: Annotated[Path, typer.Option("--site", help="The site folder ('fedledger init').")],
+    db: Annotated[
+        Path | None, typer.Option("--db", help="Embedded ledger file (default: the site's).")
+    ] = None,
+    profile: Annotated[
+        Path | None,
+        typer.Option(help="Create it on a Fabric network through this connection profile."),
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
+) -> None:
+    """Declare the site's task and its initial model on the ledger, as the organisation's
+    admin. Running it again changes nothing: a task already there is reported."""
+    from ._site import AdminLedger, open_site
+
+    with AdminLedger(open_site(site), db=db, profile=profile) as chain:
+        result = chain.create_task()
+        where = chain.where
+    out = {**result.to_dict(), "ledger": where, "changed": result.status == "created"}
+    _report(out, as_json, f"task {result.what}: {result.status} on {where}")
+
+
+@data_app.command("sample-csv")
+def data_sample_csv(
+    out: Annotated[Path, typer.Option("--out", help="Folder for holdout.csv and device-N.csv.")],
+    devices: Annotated[int, typer.Option(min=1, max=100, help="Device files to write.")] = 3,
+    holdout: Annotated[
+        float, typer.Option(min=0.05, max=0.9, help="Share kept for the gateway.")
+    ] = 0.2,
+    seed: Annotated[int, typer.Option(help="Seeds the split.")] = 0,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
+) -> None:
+    """Write the bundled breast-cancer data as CSV files shaped like a hospital's export: a
+    header row, named columns, a 'diagnosis' column of benign/malignant."""
+    from ._sample import write_sample_csv
+
+    result = write_sample_csv(out, devices=devices, holdout=holdout, seed=seed)
+    _report(
+        result,
+        as_json,
+        f"wrote {result['holdout']} ({result['holdout_rows']} rows) and {devices} device files"
+        f" under {result['folder']}",
+    )
 
 
 # ---------------------------------------------------------------- bench

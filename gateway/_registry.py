@@ -17,7 +17,7 @@ from pathlib import Path
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-from fedcore import IDENTIFIER, ConfigError, canonical_json, load_public_key
+from fedcore import IDENTIFIER, ConfigError, atomic_write_bytes, canonical_json, load_public_key
 
 
 class DeviceRegistry:
@@ -90,12 +90,34 @@ class DeviceRegistry:
         return cls(keys, certificates=certificates, source=str(path))
 
     def save(self, path: str | os.PathLike[str]) -> None:
+        """Write the registry atomically: a gateway reading it sees the old file or the new."""
         body: dict[str, dict[str, str]] = {}
         for device, b64 in self._b64.items():
             body.setdefault(device, {})["public_key"] = b64
         for device, fingerprint in self._certificates.items():
             body.setdefault(device, {})["certificate_sha256"] = fingerprint
-        Path(path).write_bytes(canonical_json({"devices": body}) + b"\n")
+        atomic_write_bytes(path, canonical_json({"devices": body}) + b"\n")
+
+    def with_device(
+        self,
+        device: str,
+        *,
+        public_key: str | None = None,
+        certificate_sha256: str | None = None,
+    ) -> DeviceRegistry:
+        """A new registry with ``device`` added (an Ed25519 key, a certificate, or both);
+        a device already listed is a :class:`ConfigError`, never replaced."""
+        if device in self:
+            raise ConfigError(f"device {device} is already registered", key=f"devices.{device}")
+        if public_key is None and certificate_sha256 is None:
+            raise ValueError("give public_key or certificate_sha256")
+        keys = dict(self._b64)
+        certificates = dict(self._certificates)
+        if public_key is not None:
+            keys[device] = public_key
+        if certificate_sha256 is not None:
+            certificates[device] = certificate_sha256
+        return DeviceRegistry(keys, certificates=certificates)
 
     def fingerprint(self, device: str) -> str:
         """What the ledger's registry records: SHA-256 of the device's raw public key, or of

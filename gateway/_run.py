@@ -45,7 +45,11 @@ def open_gateway(
     registry = DeviceRegistry.load(g.registry)
     key = load_private_key(g.key)
     signer = signer_from_key(key)
-    evaluation = load_local_data(g.evaluation) if g.evaluation is not None else None
+    evaluation = None
+    if g.evaluation is not None:
+        evaluation = load_local_data(
+            g.evaluation, n_classes=task.model.n_classes, columns=task.columns
+        )
     trust = None if g.ca is None else CertificateTrust.load(g.ca, g.crl)
     sealing = None if g.encryption_key is None else load_x25519_private_key(g.encryption_key)
     if transport is None:

@@ -28,9 +28,11 @@ NOT_ON_A_DEVICE = (
 @pytest.mark.parametrize(
     ("args", "expected"),
     [
-        (["agent", "run", "--config", "a.toml"], ("a.toml", "info")),
-        (["agent", "run", "-c", "a.toml", "--log-level", "DEBUG"], ("a.toml", "DEBUG")),
-        (["agent", "run", "--log-level=warning", "--config=a.toml"], ("a.toml", "warning")),
+        (["agent", "run", "--config", "a.toml"], ("a.toml", "info", None)),
+        (["agent", "run", "-c", "a.toml", "--log-level", "DEBUG"], ("a.toml", "DEBUG", None)),
+        (["agent", "run", "--log-level=warning", "--config=a.toml"], ("a.toml", "warning", None)),
+        (["agent", "run", "-c", "a.toml", "--broker", "h:1"], ("a.toml", "info", "h:1")),
+        (["agent", "run", "--broker=h:1", "-c", "a.toml"], ("a.toml", "info", "h:1")),
     ],
 )
 def test_a_well_formed_agent_run_takes_the_lean_path(args, expected):
@@ -47,6 +49,8 @@ def test_a_well_formed_agent_run_takes_the_lean_path(args, expected):
         ["agent", "run", "--config", "a.toml", "--log-level", "loud"],
         ["agent", "run", "--config", "a.toml", "extra"],
         ["agent", "run", "-ca.toml"],
+        ["agent", "run", "-c", "a.toml", "--broker"],
+        ["agent", "run", "-c", "a.toml", "--broker", "--log-level", "info"],
         ["agent", "device-class", "x.toml"],
         ["--version"],
         [],

@@ -36,6 +36,11 @@ def test_surfaces():
     assert {"encode_update", "decode_envelope", "ModelSpec", "MqttTransport"} <= set(
         fedcore.__all__
     )
+    # What a site is built from without private helpers: CSV tables read by column name,
+    # labels checked against the task's classes, the initial model and its hash.
+    assert {
+        "ColumnsSection", "CsvTable", "check_labels", "init_params", "model_hash", "read_csv_table",
+    } <= set(fedcore.__all__)  # fmt: skip
 
 
 def test_edge_agent_imports_no_server_code():
