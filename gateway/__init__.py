@@ -1,9 +1,12 @@
 """gateway: validates, stores and aggregates updates, and anchors every round on the ledger."""
 
 from ._aggregate import FedAvgAccumulator, fedavg
+from ._anchor import LedgerOutbox, OutboxState
 from ._config import GatewayConfig, GatewaySection, load_gateway_config
 from ._errors import REJECT_REASONS, GatewayError, Rejected
+from ._fedbuff import FedBuffRounds
 from ._metrics import GatewayMetrics
+from ._protocol import PROTOCOLS, RoundProtocol, register_protocol
 from ._registry import DeviceRegistry
 from ._robust import (
     UpdateMatrix,
@@ -17,8 +20,9 @@ from ._robust import (
     pairwise_sq_distances,
     trimmed_mean,
 )
+from ._round import OpenRound, RoundResult
 from ._run import open_gateway
-from ._service import Gateway, GatewayStats, RoundResult
+from ._service import Gateway, GatewayStats
 from ._store import UpdateStore
 from ._strategies import (
     AGGREGATION_RULES,
@@ -30,10 +34,12 @@ from ._strategies import (
     aggregate,
     server_step,
 )
+from ._sync import SynchronousRounds
 from ._validate import AcceptedUpdate, RoundContext, UpdateValidator
 
 __all__ = [
     "AGGREGATION_RULES",
+    "PROTOCOLS",
     "REJECT_REASONS",
     "SERVER_OPTIMIZERS",
     "AcceptedUpdate",
@@ -41,17 +47,23 @@ __all__ = [
     "AggregationRule",
     "DeviceRegistry",
     "FedAvgAccumulator",
+    "FedBuffRounds",
     "Gateway",
     "GatewayConfig",
     "GatewayError",
     "GatewayMetrics",
     "GatewaySection",
     "GatewayStats",
+    "LedgerOutbox",
+    "OpenRound",
+    "OutboxState",
     "Rejected",
     "RoundContext",
+    "RoundProtocol",
     "RoundResult",
     "ServerOptimizer",
     "ServerOptimizerState",
+    "SynchronousRounds",
     "UpdateMatrix",
     "UpdateStore",
     "UpdateValidator",
@@ -67,6 +79,7 @@ __all__ = [
     "multi_krum",
     "open_gateway",
     "pairwise_sq_distances",
+    "register_protocol",
     "server_step",
     "trimmed_mean",
 ]

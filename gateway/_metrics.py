@@ -9,6 +9,7 @@ observed, when a round closes. Labels come from small fixed sets (``reason`` is 
 from __future__ import annotations
 
 import importlib.metadata
+import time
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
@@ -139,10 +140,26 @@ class GatewayMetrics:
             "Rounds closed (aggregated, stored and anchored) by this process.",
             lambda s: s.rounds_closed,
         )
+        outbox = None if gateway is None else gateway.outbox.state
         yield counter(
             "ledger_commit_failures_total",
-            "Ledger appends of a round record that failed (retried at the next start).",
-            lambda s: s.ledger_failures,
+            "Ledger writes that failed (retried by the ledger outbox with backoff).",
+            lambda s: s.ledger_failures + outbox.failures,
+        )
+        yield gauge(
+            "ledger_outbox_depth",
+            "Closed rounds the ledger does not hold yet.",
+            lambda s: outbox.depth,
+        )
+        yield gauge(
+            "ledger_outbox_oldest_age_seconds",
+            "How long the oldest round waiting for the ledger has waited (0: none waits).",
+            lambda s: 0.0 if (t := outbox.oldest_since) is None else time.monotonic() - t,
+        )
+        yield gauge(
+            "ledger_refused_round",
+            "The round the ledger contract refuses (later rounds wait behind it); -1: none.",
+            lambda s: -1 if outbox.refused_round is None else outbox.refused_round,
         )
         yield gauge(
             "current_round",

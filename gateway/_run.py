@@ -82,6 +82,8 @@ def open_gateway(
         trust=trust,
         decryption_key=sealing,
         require_encryption=g.require_encryption,
+        # Anchoring waits for blocks (seconds on Fabric): never on the loop reading MQTT.
+        ledger_worker=True,
     )
     if metrics is not None and g.metrics_port is not None:
         try:

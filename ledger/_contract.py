@@ -486,6 +486,22 @@ class FedLedgerContract:
         _identifier(device_id, "device_id")
         return _load(ctx, device_key(device_id), f"device {device_id}")
 
+    @staticmethod
+    @evaluate
+    def GetDevices(ctx: TxContext, device_ids: list[str]) -> dict[str, dict[str, Any]]:
+        """The records of the registered devices among ``device_ids`` (at most
+        ``MAX_BATCH_RECORDS``), by id: a gateway reads its fleet's status in one query per
+        round, not one per device."""
+        _caller(ctx)
+        if not isinstance(device_ids, list) or len(device_ids) > MAX_BATCH_RECORDS:
+            raise _invalid("device_ids", f"must be a list of at most {MAX_BATCH_RECORDS} ids")
+        found = {}
+        for device_id in device_ids:
+            record = _get(ctx, device_key(_identifier(device_id, "device_id")))
+            if record is not None:
+                found[device_id] = record
+        return found
+
     # ------------------------------------------------------------------ tasks and rounds
 
     @staticmethod

@@ -19,6 +19,7 @@ import hashlib
 import json
 import os
 import sqlite3
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -162,11 +163,16 @@ class EmbeddedLedger:
         self.path = Path(path)
         self._signer = signer
         self._clock = clock
+        self._lock = threading.RLock()
         if signer is None and not self.path.is_file():
             raise LedgerError(f"no ledger at {self.path} (and no signer to start one)")
         _refuse_foreign(self.path)
         try:
-            self._db = sqlite3.connect(str(self.path), isolation_level=None)
+            # The gateway anchors from its ledger worker and reads device status from its
+            # loop: one connection, used under ``_lock``.
+            self._db = sqlite3.connect(
+                str(self.path), isolation_level=None, check_same_thread=False
+            )
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute(f"PRAGMA synchronous={synchronous}")
             self._db.executescript(_SCHEMA)
@@ -190,6 +196,7 @@ class EmbeddedLedger:
             raise LedgerError(_not_a_ledger(Path(path), tables))
         self = cls.__new__(cls)
         self.path, self._signer, self._clock, self._db = Path(path), None, time.time, db
+        self._lock = threading.RLock()
         if self.height() < 0:
             db.close()
             raise LedgerError(f"{path} holds no chain (no genesis block)")
@@ -208,6 +215,10 @@ class EmbeddedLedger:
         nonce = os.urandom(24)
         creator = canonical_json(_identity_dict(identity))
         tx_id = hashlib.sha256(nonce + creator).hexdigest()
+        with self._lock:
+            return self._submit(method, fn, args, identity, tx_id)
+
+    def _submit(self, method, fn: str, args: tuple, identity: Identity, tx_id: str) -> Any:
         self._begin()
         try:
             timestamp = round(float(self._clock()), 6)
@@ -231,8 +242,11 @@ class EmbeddedLedger:
 
     def evaluate(self, fn: str, *args: Any, identity: Identity) -> Any:
         method = self._method(fn, "evaluate")
-        ctx = _SqliteContext(self._db, tx_id="evaluate", timestamp=self._clock(), creator=identity)
-        return method(ctx, *args)
+        with self._lock:
+            ctx = _SqliteContext(
+                self._db, tx_id="evaluate", timestamp=self._clock(), creator=identity
+            )
+            return method(ctx, *args)
 
     @staticmethod
     def _method(fn: str, kind: str) -> Callable[..., Any]:

@@ -457,6 +457,25 @@ def ledger_health():
             (f"sum({_rate(failures)})", "failures"),
             unit="reqps",
         ),
+        stat_panel(
+            "Outbox depth",
+            "Closed rounds waiting for the ledger (the outbox anchors them in order).",
+            (f"sum({g}ledger_outbox_depth{{{GW}}})", "rounds"),
+            w=8,
+        ),
+        stat_panel(
+            "Oldest waiting",
+            "How long the oldest round waiting for the ledger has waited.",
+            (f"max({g}ledger_outbox_oldest_age_seconds{{{GW}}})", "age"),
+            unit="s",
+            w=8,
+        ),
+        stat_panel(
+            "Refused round",
+            "The round the contract refuses (-1: none); alert FedledgerLedgerRoundRefused.",
+            (f"max({g}ledger_refused_round{{{GW}}})", "round"),
+            w=8,
+        ),
         graph_panel(
             "Rounds closed vs. commits (1h)",
             "Rounds closed and successful appends per hour: a gap means rounds not yet anchored.",

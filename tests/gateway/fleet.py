@@ -23,8 +23,19 @@ class Clock:
 
 
 def make_gateway(
-    tmp_path, task, registry, gateway_key, dataset, broker, clock, *, wrap_ledger=None, metrics=None
+    tmp_path,
+    task,
+    registry,
+    gateway_key,
+    dataset,
+    broker,
+    clock,
+    *,
+    wrap_ledger=None,
+    metrics=None,
+    **options,
 ):
+    """``options`` go to :class:`Gateway` (``protocol``, ``ledger_worker``...)."""
     ledger = EmbeddedLedger(
         tmp_path / "ledger.sqlite",
         signer=signer_from_key(gateway_key),
@@ -42,6 +53,7 @@ def make_gateway(
         clock=clock,
         metrics=metrics,
         admin=ADMIN,
+        **options,
     )
 
 

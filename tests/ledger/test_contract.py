@@ -163,6 +163,7 @@ def test_transactions_and_kinds():
         "CommitRound": "submit",
         "CreateTask": "submit",
         "GetDevice": "evaluate",
+        "GetDevices": "evaluate",
         "GetDeviceContributions": "evaluate",
         "GetHistory": "evaluate",
         "GetRound": "evaluate",
@@ -740,3 +741,14 @@ def test_the_contract_does_no_io_and_reads_no_clock(module):
         if isinstance(node, ast.Call) and isinstance(node.func, ast.Name)
     }
     assert not calls & FORBIDDEN_CALLS
+
+
+def test_get_devices_reads_the_fleet_in_one_query(led):
+    found = led.evaluate(GATEWAY, "GetDevices", ["dev-0", "dev-3", "dev-7", "dev-9"])
+    assert sorted(found) == ["dev-0", "dev-3", "dev-9"]  # dev-7 is not registered
+    assert found["dev-3"]["status"] == "revoked" and found["dev-0"]["status"] != "revoked"
+    assert led.evaluate(GATEWAY, "GetDevices", []) == {}
+    with pytest.raises(ContractError, match="device_ids"):
+        led.evaluate(GATEWAY, "GetDevices", ["dev-0"] * 1001)
+    with pytest.raises(ContractError, match="device_id"):
+        led.evaluate(GATEWAY, "GetDevices", ["not an id"])

@@ -17,6 +17,7 @@ ALERT_NAMES = (
     "FedledgerNoRoundCompleted",
     "FedledgerRejectionRatioHigh",
     "FedledgerLedgerCommitFailures",
+    "FedledgerLedgerRoundRefused",
     "FedledgerDevicesOffline",
 )
 

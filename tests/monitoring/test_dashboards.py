@@ -187,7 +187,7 @@ def test_panels_and_alerts_name_only_exported_metrics():
         assert names <= exported, (board, title, names - exported)
         assert set(re.findall(r"fedledger_[a-z0-9_]+", expr)) <= exported, (board, title)
     exprs = alert_exprs()
-    assert len(exprs) == 5
+    assert len(exprs) == 6
     for expr in exprs:
         names = metric_names(expr)
         assert names and names <= exported, (expr, names - exported)
@@ -303,6 +303,7 @@ def check_every_alert_rule_loads_and_its_expression_runs(live: Prometheus) -> No
             "FedledgerDevicesOffline",
             "FedledgerGatewayDown",
             "FedledgerLedgerCommitFailures",
+            "FedledgerLedgerRoundRefused",
             "FedledgerNoRoundCompleted",
             "FedledgerRejectionRatioHigh",
         ]
