@@ -1365,6 +1365,33 @@ def bench_agent(
     _print_bench(run(rounds=rounds, hidden=hidden, epochs=epochs), as_json)
 
 
+@bench_app.command("soak")
+def bench_soak(
+    minutes: Annotated[
+        float, typer.Option(min=0.05, max=1440, help="Soak length after the first round (0.5 ok).")
+    ] = 10.0,
+    devices: Annotated[
+        int, typer.Option(min=1, max=50, help="Edge agents (threads, own MQTT clients).")
+    ] = 3,
+    round_timeout: Annotated[
+        float, typer.Option(min=0.5, help="The task's round timeout in seconds (quorum = all).")
+    ] = 10.0,
+    plot: Annotated[
+        Path | None,
+        typer.Option("--plot", help="Write a PNG of CPU per round and RSS over time here."),
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON only.")] = False,
+) -> None:
+    """Many short rounds for N minutes through a real `fedledger gateway run` process: its
+    CPU per round and resident memory in the first and the last slice, and their ratios
+    (goal: flat within 5%). Progress goes to stderr."""
+    from bench.soak import run
+
+    _print_bench(
+        run(minutes=minutes, devices=devices, round_timeout=round_timeout, plot=plot), as_json
+    )
+
+
 def _print_bench(result: dict, as_json: bool) -> None:
     if as_json:
         sys.stdout.write(json.dumps(result, indent=2) + "\n")
