@@ -49,6 +49,7 @@ bench: setup broker
 	$(BIN)/fedledger bench accuracy --json
 	$(BIN)/fedledger bench robustness --json
 	$(BIN)/fedledger bench async --json
+	$(BIN)/fedledger bench soak --minutes 10 --json
 
 # The Grafana dashboards are code (monitoring/dashboards.py); the JSON is committed.
 dashboards: setup

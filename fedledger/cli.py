@@ -308,8 +308,10 @@ def ledger_verify(
     store: Annotated[
         Path | None,
         typer.Option(
-            help="The gateway's store (gateway.sqlite): also check every committed model and"
-            " accepted update against the files the gateway holds."
+            help="The gateway's store (gateway.sqlite), opened read-only: cross-check it with"
+            " the ledger both ways (every closed round and accepted update of the store on the"
+            " ledger, every round and accepted update of the ledger in the store, the same"
+            " models); exits 1 naming the first discrepancy, --json lists them all."
         ),
     ] = None,
     replay: Annotated[
@@ -329,9 +331,9 @@ def ledger_verify(
     if (db is None) == (fabric_profile is None):
         raise typer.BadParameter("give --db (embedded ledger) or --fabric-profile (Fabric)")
     if fabric_profile is not None:
-        if public_key is not None or store is not None:
-            raise typer.BadParameter("--public-key and --store apply to an embedded ledger")
-        _verify_fabric(fabric_profile, msp_ca or [], orderer_msp or [], replay, as_json)
+        if public_key is not None:
+            raise typer.BadParameter("--public-key applies to an embedded ledger")
+        _verify_fabric(fabric_profile, msp_ca or [], orderer_msp or [], replay, as_json, store)
         return
     if msp_ca or orderer_msp:
         raise typer.BadParameter(
@@ -355,35 +357,63 @@ def ledger_verify(
         what = "signatures, hashes" + (", contract replay" if replay else "")
         if store is not None:
             what += f", {report.checked_models} models and {report.checked_updates} updates"
+            what += " against the store, every closed round and accepted update in the store"
+            what += " on the ledger"
         console.print(
             f"[green]ok[/]: {report.blocks} blocks, {report.records} records verified ({what})",
             soft_wrap=True,
         )
     else:
-        err.print(
-            f"[red]ledger inconsistent[/] at block {report.first_bad_height}: {report.problem}",
-            soft_wrap=True,
-        )
+        _print_problem(report)
     if not report.ok:
         raise typer.Exit(1)
 
 
+def _print_problem(report) -> None:
+    """One line: the chain's first bad block, or the first way ledger and store disagree."""
+    if report.discrepancies:
+        first, more = report.discrepancies[0], len(report.discrepancies) - 1
+        also = f" (and {more} more: --json lists them)" if more else ""
+        err.print(
+            f"[red]ledger and store disagree[/]: {first.kind}: {first.describe()}{also}",
+            soft_wrap=True,
+            highlight=False,
+        )
+        return
+    err.print(
+        f"[red]ledger inconsistent[/] at block {report.first_bad_height}: {report.problem}",
+        soft_wrap=True,
+    )
+
+
 def _verify_fabric(
-    profile: Path, msp_ca: list[str], orderer_msp: list[str], replay: bool, as_json: bool
+    profile: Path,
+    msp_ca: list[str],
+    orderer_msp: list[str],
+    replay: bool,
+    as_json: bool,
+    store: Path | None,
 ) -> None:
+    from gateway import UpdateStore
     from ledger.fabric import connect, verify_chain
 
     from ._progress import BlockProgress
 
     roots = _msp_roots(msp_ca) if msp_ca else None
-    with connect(profile) as client, BlockProgress(err) as progress:
-        report = verify_chain(
-            client,
-            replay=replay,
-            msp_roots=roots,
-            orderer_msps=orderer_msp,
-            progress=progress.update,
-        )
+    gateway_store = None if store is None else UpdateStore.open_readonly(store)
+    try:
+        with connect(profile) as client, BlockProgress(err) as progress:
+            report = verify_chain(
+                client,
+                replay=replay,
+                msp_roots=roots,
+                orderer_msps=orderer_msp,
+                progress=progress.update,
+                store=gateway_store,
+            )
+    finally:
+        if gateway_store is not None:
+            gateway_store.close()
     if as_json:
         console.print_json(json.dumps(report.to_dict()))
     elif report.ok:
@@ -393,6 +423,10 @@ def _verify_fabric(
             what += f", certificates of {', '.join(sorted(roots))}"
         if orderer_msp:
             what += f", block signatures of {', '.join(sorted(orderer_msp))}"
+        if store is not None:
+            what += f", {report.checked_models} models and {report.checked_updates} updates"
+            what += " against the store, every closed round and accepted update in the store"
+            what += " on the ledger"
         console.print(
             f"[green]ok[/]: {report.blocks} blocks of {report.channel},"
             f" {report.transactions} {report.chaincode} transactions ({report.invalid} invalid,"
@@ -400,10 +434,7 @@ def _verify_fabric(
             soft_wrap=True,
         )
     else:
-        err.print(
-            f"[red]ledger inconsistent[/] at block {report.first_bad_height}: {report.problem}",
-            soft_wrap=True,
-        )
+        _print_problem(report)
     if not report.ok:
         raise typer.Exit(1)
 
@@ -1363,6 +1394,33 @@ def bench_agent(
     from bench.agent import run
 
     _print_bench(run(rounds=rounds, hidden=hidden, epochs=epochs), as_json)
+
+
+@bench_app.command("soak")
+def bench_soak(
+    minutes: Annotated[
+        float, typer.Option(min=0.05, max=1440, help="Soak length after the first round (0.5 ok).")
+    ] = 10.0,
+    devices: Annotated[
+        int, typer.Option(min=1, max=50, help="Edge agents (threads, own MQTT clients).")
+    ] = 3,
+    round_timeout: Annotated[
+        float, typer.Option(min=0.5, help="The task's round timeout in seconds (quorum = all).")
+    ] = 10.0,
+    plot: Annotated[
+        Path | None,
+        typer.Option("--plot", help="Write a PNG of CPU per round and RSS over time here."),
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON only.")] = False,
+) -> None:
+    """Many short rounds for N minutes through a real `fedledger gateway run` process: its
+    CPU per round and resident memory in the first and the last slice, and their ratios
+    (goal: flat within 5%). Progress goes to stderr."""
+    from bench.soak import run
+
+    _print_bench(
+        run(minutes=minutes, devices=devices, round_timeout=round_timeout, plot=plot), as_json
+    )
 
 
 def _print_bench(result: dict, as_json: bool) -> None:

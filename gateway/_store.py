@@ -10,6 +10,7 @@ import json
 import os
 import sqlite3
 import threading
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -263,6 +264,23 @@ class UpdateStore:
         """The task's newest round (open or closed): a start resumes from it."""
         rows = self._round_rows("WHERE task = ? ORDER BY round DESC LIMIT 1", (task,))
         return rows[0] if rows else None
+
+    def round(self, task: str, round_: int) -> RoundRow | None:
+        rows = self._round_rows("WHERE task = ? AND round = ?", (task, round_))
+        return rows[0] if rows else None
+
+    def tasks(self) -> list[str]:
+        """The tasks the store holds rounds of."""
+        return [r[0] for r in self._db.execute("SELECT DISTINCT task FROM rounds ORDER BY task")]
+
+    def closed_rounds(self) -> Iterator[tuple[str, int, bool]]:
+        """``(task, round, ledgered)`` of every closed round, streamed in order (audits
+        cross-checking the ledger; nothing is held but the cursor)."""
+        cursor = self._db.execute(
+            "SELECT task, round, ledgered FROM rounds WHERE status = 'closed' ORDER BY task, round"
+        )
+        for task, round_, ledgered in cursor:
+            yield task, int(round_), bool(ledgered)
 
     def unledgered(self, task: str) -> list[RoundRow]:
         """Closed rounds the ledger does not have yet, in order (a partial index: the cost

@@ -11,20 +11,25 @@ from ._contract import CODES, ContractError, FedLedgerContract
 from ._embedded import EmbeddedLedger
 from ._errors import ChainError, LedgerError
 from ._merkle import leaf_hash, merkle_root
+from ._store_check import DISCREPANCY_KINDS, Discrepancy, GatewayStore, StoreCheck
 
 __all__ = [
     "CODES",
+    "DISCREPANCY_KINDS",
     "BlockInfo",
     "ChainError",
     "ContractError",
+    "Discrepancy",
     "EmbeddedLedger",
     "FedLedgerContract",
+    "GatewayStore",
     "Identity",
     "LedgerBackend",
     "LedgerError",
     "MVCCConflictError",
     "MemoryContext",
     "MemoryWorldState",
+    "StoreCheck",
     "TxContext",
     "VerifyReport",
     "leaf_hash",

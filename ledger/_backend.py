@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from ._context import Identity
+from ._store_check import Discrepancy
 
 
 @dataclass(frozen=True, slots=True)
@@ -31,6 +32,9 @@ class VerifyReport:
     replayed: bool = False
     checked_models: int = 0
     checked_updates: int = 0
+    #: With a gateway store: where the ledger and the store disagree (``problem`` names the
+    #: first); a chain that verifies but disagrees with its store is not ``ok``.
+    discrepancies: tuple[Discrepancy, ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -42,6 +46,7 @@ class VerifyReport:
             "replayed": self.replayed,
             "checked_models": self.checked_models,
             "checked_updates": self.checked_updates,
+            "discrepancies": [d.to_dict() for d in self.discrepancies],
         }
 
 

@@ -41,6 +41,7 @@ from ._context import Identity, MemoryWorldState
 from ._contract import ContractError, FedLedgerContract
 from ._errors import ChainError, LedgerError
 from ._merkle import leaf_hash, merkle_root
+from ._store_check import StoreCheck
 
 FORMAT = "fedledger-embedded/2"
 GENESIS_PREV = "0" * 64
@@ -309,11 +310,13 @@ class EmbeddedLedger:
 
         ``public_key`` pins the signer (else the genesis block's key is trusted). ``replay``
         re-executes every transaction through the contract. ``store`` (a gateway
-        ``UpdateStore``) has every committed global model and accepted update digest checked
-        against the files the gateway holds. Stops at the first problem and names its block.
+        ``UpdateStore``) is cross-checked with the chain in both directions (see
+        ``ledger._store_check``): every disagreement is listed in ``discrepancies``. A broken
+        chain stops at the first problem and names its block.
         """
-        blocks = records = models = updates = 0
+        blocks = records = 0
         world = MemoryWorldState() if replay else None
+        check = None if store is None else StoreCheck(store, all_tasks=True)
         try:
             for height, block in self._iter_checked(public_key):
                 blocks = height + 1
@@ -321,17 +324,23 @@ class EmbeddedLedger:
                 for record in block:
                     if world is not None:
                         _replay(world, height, record)
-                    if store is not None:
-                        m, u = _check_against_store(store, height, record)
-                        models += m
-                        updates += u
+                    if check is not None and record.get("type") == "tx":
+                        check.writes(height, _record_writes(height, record))
         except ChainError as exc:
             return VerifyReport(
-                False, blocks, records, exc.height, exc.problem, replay, models, updates
-            )
+                False, blocks, records, exc.height, exc.problem, replay,
+                *_counts(check),
+            )  # fmt: skip
         if blocks == 0:
             return VerifyReport(False, 0, 0, 0, "the ledger holds no blocks")
-        return VerifyReport(True, blocks, records, None, None, replay, models, updates)
+        found = () if check is None else tuple(check.finish())
+        if found:
+            first = found[0]
+            return VerifyReport(
+                False, blocks, records, first.height, first.describe(), replay,
+                *_counts(check), discrepancies=found,
+            )  # fmt: skip
+        return VerifyReport(True, blocks, records, None, None, replay, *_counts(check))
 
     def _iter_checked(self, pinned_key: str | None) -> Iterator[tuple[int, list[dict[str, Any]]]]:
         key = load_public_key(pinned_key) if pinned_key else None
@@ -432,34 +441,12 @@ def _replay(world: MemoryWorldState, height: int, record: dict[str, Any]) -> Non
         raise ChainError(height, "blocks and transactions are out of step")
 
 
-def _check_against_store(store: Any, height: int, record: dict[str, Any]) -> tuple[int, int]:
-    """Compare recorded hashes with the gateway's stored models and updates."""
-    fn = record.get("fn")
-    args = record.get("args") or []
-    if fn == "CommitRound":
-        model = args[2]
-        payload = store.get_model(model)
-        if payload is None:
-            raise ChainError(height, f"global model {model[:16]} is not in the gateway's store")
-        if sha256_hex(payload) != model:
-            raise ChainError(height, f"stored model {model[:16]} does not hash to its name")
-        return 1, 0
-    if fn == "RecordUpdates":
-        task, round_, batch = args[0], args[1], args[2]
-        stored = {u.device: u for u in store.updates(task, round_)}
-        checked = 0
-        for item in batch:
-            if not item.get("accepted"):
-                continue
-            update = stored.get(item["device"])
-            if update is None:
-                raise ChainError(
-                    height, f"update of {item['device']} is not in the gateway's store"
-                )
-            if hashlib.sha256(update.frame).hexdigest() != item["digest"]:
-                raise ChainError(
-                    height, f"stored update of {item['device']} does not match its digest"
-                )
-            checked += 1
-        return 0, checked
-    return 0, 0
+def _record_writes(height: int, record: dict[str, Any]) -> list[tuple[str, str]]:
+    try:
+        return [(str(k), str(v)) for k, v in record.get("writes") or []]
+    except (TypeError, ValueError):
+        raise ChainError(height, "transaction record is malformed: writes") from None
+
+
+def _counts(check: StoreCheck | None) -> tuple[int, int]:
+    return (0, 0) if check is None else (check.checked_models, check.checked_updates)

@@ -26,9 +26,10 @@ def test_surfaces():
         "EdgeAgent", "InferenceError", "Predictor", "load_agent_config", "open_agent",
     }  # fmt: skip
     assert set(ledger.__all__) == {
-        "CODES", "BlockInfo", "ChainError", "ContractError", "EmbeddedLedger", "FedLedgerContract",
-        "Identity", "LedgerBackend", "LedgerError", "MVCCConflictError", "MemoryContext",
-        "MemoryWorldState", "TxContext", "VerifyReport", "leaf_hash", "merkle_root",
+        "CODES", "DISCREPANCY_KINDS", "BlockInfo", "ChainError", "ContractError", "Discrepancy",
+        "EmbeddedLedger", "FedLedgerContract", "GatewayStore", "Identity", "LedgerBackend",
+        "LedgerError", "MVCCConflictError", "MemoryContext", "MemoryWorldState", "StoreCheck",
+        "TxContext", "VerifyReport", "leaf_hash", "merkle_root",
     }  # fmt: skip
     assert {
         "Gateway", "GatewayMetrics", "UpdateValidator", "FedAvgAccumulator", "fedavg", "REJECT_REASONS",

@@ -72,6 +72,7 @@ from .._context import Identity, MemoryWorldState
 from .._contract import ContractError, FedLedgerContract
 from .._errors import ChainError, LedgerError
 from .._merkle import leaf_hash, merkle_root
+from .._store_check import Discrepancy, GatewayStore, StoreCheck
 from ._client import FabricClient
 
 log = logging.getLogger(__name__)
@@ -190,8 +191,10 @@ class _Checker:
         replay: bool,
         msp_roots: Mapping[str, Sequence[x509.Certificate]] | None,
         orderer_msps: Sequence[str] = (),
+        store_check: StoreCheck | None = None,
     ):
         self.channel = channel
+        self.store_check = store_check
         self.orderer_msps = frozenset(orderer_msps)
         self.chaincode = chaincode
         self.replay = replay
@@ -445,6 +448,8 @@ class _Checker:
             self.versions[key] = (height, index)
             self.first_written.setdefault(key, height)
             self.last_written[key] = (height, tx.tx_id)
+        if self.store_check is not None:
+            self.store_check.writes(height, tx.writes.items())
 
     def _replayed(self, height: int, tx: _Tx) -> Any:
         # Imported here: the chaincode package loads the shim, needed only to replay.
@@ -614,31 +619,47 @@ def verify_blocks(
     orderer_msps: Sequence[str] = (),
     total: int = 0,
     progress: Progress | None = None,
+    store: GatewayStore | None = None,
 ) -> FabricVerifyReport:
     """Check ``blocks`` (the whole chain, from block 0, in order); see the module docstring.
 
     ``msp_roots`` maps MSP ids to their root CA certificates; given, every creator and
     endorser certificate must be issued directly by one of its MSP's roots. ``orderer_msps``
     names the ordering service's MSPs; given, every block must carry an orderer signature.
+    ``store`` (a gateway's ``UpdateStore``) is cross-checked with the chain both ways for the
+    tasks it holds (a channel may carry other gateways' tasks; see ``ledger._store_check``);
+    what disagrees is listed in the report's ``discrepancies``.
     """
+    check = None if store is None else StoreCheck(store, all_tasks=False)
     checker = _Checker(
         channel=channel,
         chaincode=chaincode,
         replay=replay,
         msp_roots=msp_roots,
         orderer_msps=orderer_msps,
+        store_check=check,
     )
     count = records = 0
     previous: bytes | None = None
 
-    def report(ok: bool, error: ChainError | None = None) -> FabricVerifyReport:
+    def report(
+        ok: bool, error: ChainError | None = None, found: Sequence[Discrepancy] = ()
+    ) -> FabricVerifyReport:
+        height = problem = None
+        if error is not None:
+            height, problem = error.height, error.problem
+        elif found:
+            height, problem = found[0].height, found[0].describe()
         return FabricVerifyReport(
             ok=ok,
             blocks=count,
             records=records,
-            first_bad_height=None if error is None else error.height,
-            problem=None if error is None else error.problem,
+            first_bad_height=height,
+            problem=problem,
             replayed=replay,
+            checked_models=0 if check is None else check.checked_models,
+            checked_updates=0 if check is None else check.checked_updates,
+            discrepancies=tuple(found),
             transactions=checker.transactions,
             invalid=checker.invalid,
             endorsements=checker.endorsements,
@@ -662,7 +683,8 @@ def verify_blocks(
     except ChainError as exc:
         log.info("chain inconsistent at block %d: %s", exc.height, exc.problem)
         return report(False, exc)
-    return report(True)
+    found = () if check is None else check.finish()
+    return report(not found, found=found)
 
 
 def verify_chain(
@@ -673,6 +695,7 @@ def verify_chain(
     orderer_msps: Sequence[str] = (),
     progress: Progress | None = None,
     timeout: float | None = None,
+    store: GatewayStore | None = None,
 ) -> FabricVerifyReport:
     """Fetch the client's channel from block 0 to the newest and verify it.
 
@@ -691,4 +714,5 @@ def verify_chain(
             orderer_msps=orderer_msps,
             total=height,
             progress=progress,
+            store=store,
         )

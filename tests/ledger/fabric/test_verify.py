@@ -563,3 +563,41 @@ def test_the_command_line_checks_orderer_signatures(
     done = run_cli(*args, *orderers, "--msp-ca", f"OrdererMSP={tmp_path / 'org1.pem'}")
     assert done.returncode == 1
     assert "no valid orderer signature" in done.stderr
+
+
+def test_a_federations_store_cross_checks_with_the_chain_both_ways(
+    federation, make_client, tmp_path
+):
+    """The same check as the embedded ledger's, fed with the writes of valid transactions."""
+    import sqlite3
+
+    path = tmp_path / "store.sqlite"
+    federation.store.close()
+    store = UpdateStore.open_readonly(path)
+    try:
+        report = verify_chain(make_client(), store=store)
+    finally:
+        store.close()
+    assert report.ok, report.problem
+    assert report.checked_models == 3 and report.checked_updates == 15
+    assert report.to_dict()["discrepancies"] == []
+
+    db = sqlite3.connect(path)
+    db.execute("DELETE FROM rounds WHERE round = 2")
+    db.execute(
+        "DELETE FROM updates WHERE round = 0 AND device = ?", (sorted(federation.registry)[0],)
+    )
+    db.commit()
+    db.close()
+    store = UpdateStore.open_readonly(path)
+    try:
+        report = verify_chain(make_client(), store=store)
+    finally:
+        store.close()
+    assert not report.ok
+    assert [(d.kind, d.round) for d in report.discrepancies] == [
+        ("update_missing_in_store", 0),
+        ("round_missing_in_store", 2),
+    ]
+    assert report.problem == report.discrepancies[0].describe()
+    assert report.first_bad_height == report.discrepancies[0].height is not None
