@@ -37,6 +37,7 @@ from fedcore import (
     UpdateHeader,
     WireError,
     check_task_fits,
+    crash_point,
     decode_envelope,
     decode_tensors,
     encode_tensors,
@@ -81,10 +82,17 @@ class AgentError(FedledgerError):
 
 @dataclass
 class AgentState:
-    """Persisted across restarts: a counter is never reused, a round never trained twice."""
+    """Persisted across restarts: a counter is never reused, a round never trained twice,
+    and an update is never lost to a crash between training and the broker's receipt.
+
+    ``pending`` is the last signed update frame, kept until the gateway publishes a model of
+    a later round (which it does only once that update's round has closed). While the model
+    of ``last_round`` is the one published, a restart or a re-published model sends the same
+    frame again; the gateway recognises the copy and counts it once."""
 
     counter: int = -1
     last_round: int = -1
+    pending: bytes | None = None
 
     @classmethod
     def load(cls, path: Path | None) -> AgentState:
@@ -92,17 +100,26 @@ class AgentState:
             return cls()
         try:
             data = json.loads(path.read_text(encoding="utf-8"))
-            return cls(counter=int(data["counter"]), last_round=int(data["last_round"]))
+            pending = data.get("pending")
+            return cls(
+                counter=int(data["counter"]),
+                last_round=int(data["last_round"]),
+                pending=None if pending is None else base64.b64decode(pending, validate=True),
+            )
         except (OSError, ValueError, KeyError, TypeError) as exc:
             raise AgentError(f"{path}: unreadable agent state: {exc}") from None
 
     def save(self, path: Path | None) -> None:
+        """Write to a temporary file, fsync, rename: a crash leaves the old or the new."""
         if path is None:
             return
         path.parent.mkdir(parents=True, exist_ok=True)
+        data: dict[str, object] = {"counter": self.counter, "last_round": self.last_round}
+        if self.pending is not None:
+            data["pending"] = base64.b64encode(self.pending).decode("ascii")
         tmp = path.with_suffix(path.suffix + ".tmp")
         with tmp.open("w", encoding="utf-8") as handle:
-            json.dump({"counter": self.counter, "last_round": self.last_round}, handle)
+            json.dump(data, handle)
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
@@ -124,6 +141,8 @@ class EdgeAgent:
         device_class: DeviceClass | None = None,
         certificate: bytes | None = None,
         seal_to: X25519PublicKey | None = None,
+        resend_seconds: float = 30.0,
+        clock=time.monotonic,
     ):
         """``certificate`` (DER) means ``signer`` signs with that certificate's key (ECDSA
         P-256) and every update carries it; ``seal_to`` encrypts update payloads to the
@@ -160,6 +179,8 @@ class EdgeAgent:
         self.state = AgentState.load(state_path)
         self.final_model: str | None = None
         self.rounds_trained = 0
+        #: Updates sent again because their round was still open (see :class:`AgentState`).
+        self.resends = 0
         self.bytes_sent = 0
         self.metrics = metrics
         if metrics is not None:
@@ -171,6 +192,11 @@ class EdgeAgent:
         self.k_fraction = DEFAULT_K_FRACTION
         if device_class is not None and device_class.topk_fraction is not None:
             self.k_fraction = device_class.topk_fraction
+        self.resend_seconds = resend_seconds
+        self._clock = clock
+        #: The newest round whose model this agent has seen, and when it last sent an update.
+        self._seen_round = -1
+        self._sent_at = 0.0
         #: What top-k left out of earlier updates, added back next round (error feedback).
         self.residual: dict[str, np.ndarray] | None = None
 
@@ -194,6 +220,7 @@ class EdgeAgent:
         try:
             message = self.transport.messages.get(timeout=timeout)
         except queue.Empty:
+            self._maybe_resend()
             return
         newest = None
         while True:
@@ -233,9 +260,36 @@ class EdgeAgent:
             self.final_model = header.model_hash
             log.info("task %s finished; final model %s", self.task.id, header.model_hash[:12])
             return None
+        self._seen_round = max(self._seen_round, header.round)
+        if header.round == self.state.last_round and self.state.pending is not None:
+            self._resend(header.round)
+            return None
         if header.round <= self.state.last_round:
             return None  # already trained on this round (a retained or re-published model)
         return header, envelope.payload
+
+    def _maybe_resend(self) -> None:
+        """Resend the pending update every ``resend_seconds`` while its round is the newest
+        one seen (the gateway waits on it, or on others)."""
+        if (
+            self.state.pending is not None
+            and self.final_model is None
+            and self._seen_round == self.state.last_round
+            and self._clock() - self._sent_at >= self.resend_seconds
+        ):
+            self._resend(self.state.last_round)
+
+    def _resend(self, round_: int) -> None:
+        """The gateway still publishes the model of the round this agent's last update was
+        for: it may never have got that update (the agent died before the broker took it),
+        so send the same frame again; a copy of one it has is dropped, not counted."""
+        frame = self.state.pending
+        assert frame is not None
+        self.transport.publish(update_topic(self.task.id, self.device), frame, qos=1)
+        self.resends += 1
+        self._sent_at = self._clock()
+        self.bytes_sent += len(frame)
+        log.info("round %d: re-sent the %d-byte update (round still open)", round_, len(frame))
 
     def _train_and_send(self, header: ModelHeader, global_params) -> None:
         seed = int.from_bytes(
@@ -260,9 +314,6 @@ class EdgeAgent:
             )
         payload = encode_tensors(delta, self.codec, k_fraction=self.k_fraction)
         self.state.counter += 1
-        self.state.last_round = header.round
-        # Persist before sending: a crash after this never reuses the counter.
-        self.state.save(self._state_path)
         frame = encode_update(
             UpdateHeader(
                 task=self.task.id,
@@ -279,7 +330,14 @@ class EdgeAgent:
             self._signer,
             seal_to=self._seal_to,
         )
+        self.state.last_round = header.round
+        self.state.pending = frame
+        # Persist before sending: a crash after this never reuses the counter, and the frame
+        # is sent again at the next start while its round is still open.
+        self.state.save(self._state_path)
+        crash_point("agent.after-save")
         self.transport.publish(update_topic(self.task.id, self.device), frame, qos=1)
+        self._sent_at = self._clock()
         self.rounds_trained += 1
         self.bytes_sent += len(frame)
         log.info("round %d: sent %d-byte update", header.round, len(frame))

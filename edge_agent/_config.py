@@ -64,6 +64,10 @@ class AgentSection(StrictModel):
     metrics_port: Annotated[int, Field(ge=0, le=65535)] | None = None
     #: The address the metrics endpoint listens on; loopback unless a scraper needs more.
     metrics_host: str = "127.0.0.1"
+    #: While the gateway still publishes the model of the round this device last sent an
+    #: update for, send that update again this often (seconds): a copy the gateway has is
+    #: dropped, one it never got (lost with a broker killed before it saved) now counts.
+    resend_seconds: Annotated[float, Field(gt=0)] = 30.0
 
     @field_validator("key", "certificate", "task", "data", "state", "device_class", mode="before")
     @classmethod

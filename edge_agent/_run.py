@@ -99,6 +99,7 @@ def open_agent(
         state_path=a.state,
         metrics=metrics,
         device_class=device_class,
+        resend_seconds=a.resend_seconds,
     )
     if metrics is not None and a.metrics_port is not None:
         # Served for the life of the process (a daemon thread); AgentMetrics.close() stops it.

@@ -62,6 +62,8 @@ from ._errors import (
     WireError,
 )
 from ._export import EXPORT_FORMATS, dequantized_params, export_model, export_onnx, export_tflite
+from ._faults import POINTS as CRASH_POINTS
+from ._faults import crash_point
 from ._files import (
     MARKER,
     UnsafePathError,
@@ -171,6 +173,7 @@ __all__ = [
     "ALG_ECDSA_P256",
     "ALG_ED25519",
     "CODECS",
+    "CRASH_POINTS",
     "DEFAULT_K_FRACTION",
     "DEFAULT_MAX_MESSAGE_BYTES",
     "ENC_X25519_AES256GCM",
@@ -236,6 +239,7 @@ __all__ = [
     "claim_folder",
     "collect_windows",
     "connect_readonly",
+    "crash_point",
     "decode_envelope",
     "decode_tensors",
     "dequantized_params",

@@ -42,6 +42,7 @@ from fedcore import (
     Transport,
     UpdateHeader,
     accuracy,
+    crash_point,
     decode_envelope,
     decode_tensors,
     encode_model,
@@ -419,7 +420,9 @@ class Gateway:
             )
             for a, target in self._pending
         ]
+        crash_point("gateway.before-commit")
         self.store.write_batch(batch, self._pending_rejections)
+        crash_point("gateway.after-commit")
         current = self._open
         assert current is not None or not self._pending
         for accepted, target in self._pending:
@@ -601,6 +604,7 @@ class Gateway:
         self.store.close_round(
             self.task.id, current.round, new_hash, payload, record, optimizer_state=state_payload
         )
+        crash_point("gateway.round-closed")
         ledgered = self._anchor_now()
         self.stats.rounds_closed += 1
         self.stats.last_participants = len(current.contributors)

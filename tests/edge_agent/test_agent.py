@@ -47,11 +47,13 @@ def test_trains_and_sends_a_signed_int8_update(setup, task, gateway_key):
     broker, agent, listener, device_key = setup
     publish_model(broker, task, gateway_key)
     agent.step(0)
-    env = decode_envelope(listener.messages.get_nowait().payload)
+    sent = listener.messages.get_nowait().payload
+    env = decode_envelope(sent)
     device_key.public_key().verify(env.signature, env.signed)
     assert env.header.device == "dev-0" and env.header.samples == 50 and env.header.codec == "int8"
     assert env.header.counter == 0 and env.header.round == 0
-    assert AgentState.load(agent._state_path) == AgentState(counter=0, last_round=0)
+    # the frame is saved with the counter, before it is published
+    assert AgentState.load(agent._state_path) == AgentState(counter=0, last_round=0, pending=sent)
 
 
 def test_model_signed_by_someone_else_is_ignored(setup, task):
@@ -61,11 +63,8 @@ def test_model_signed_by_someone_else_is_ignored(setup, task):
     assert listener.messages.empty() and agent.rounds_trained == 0
 
 
-def test_counter_survives_a_restart(setup, task, gateway_key, dataset, tmp_path):
-    broker, agent, listener, device_key = setup
-    publish_model(broker, task, gateway_key, round_=0)
-    agent.step(0)
-    restarted = EdgeAgent(
+def restart(broker, task, gateway_key, device_key, dataset, tmp_path):
+    agent = EdgeAgent(
         device="dev-0",
         task=task,
         transport=broker.transport(),
@@ -74,14 +73,63 @@ def test_counter_survives_a_restart(setup, task, gateway_key, dataset, tmp_path)
         data=(dataset.x_train[:50], dataset.y_train[:50]),
         state_path=tmp_path / "state.json",
     )
-    restarted.start()
+    agent.start()
+    return agent
+
+
+def test_counter_survives_a_restart(setup, task, gateway_key, dataset, tmp_path):
+    broker, agent, listener, device_key = setup
+    publish_model(broker, task, gateway_key, round_=0)
+    agent.step(0)
+    first = listener.messages.get_nowait().payload
+    restarted = restart(broker, task, gateway_key, device_key, dataset, tmp_path)
     restarted.step(0)  # the retained round-0 model: already trained, not again
     assert restarted.rounds_trained == 0
+    # ...but round 0 is still the gateway's, so the saved frame goes again, byte for byte
+    assert restarted.resends == 1 and listener.messages.get_nowait().payload == first
     publish_model(broker, task, gateway_key, round_=1)
     restarted.step(0)
-    listener.messages.get_nowait()
     env = decode_envelope(listener.messages.get_nowait().payload)
     assert env.header.counter == 1 and env.header.round == 1
+    assert listener.messages.empty()
+
+
+def test_killed_between_saving_and_publishing_the_update_is_sent_at_restart(
+    setup, task, gateway_key, dataset, tmp_path
+):
+    """The state file says round 0 was trained, but nothing left the device."""
+    broker, agent, listener, device_key = setup
+    agent.transport.publish = lambda *a, **k: None  # the process dies before the publish
+    publish_model(broker, task, gateway_key, round_=0)
+    agent.step(0)
+    assert listener.messages.empty()
+    saved = AgentState.load(tmp_path / "state.json")
+    assert saved.last_round == 0 and saved.pending is not None
+    restarted = restart(broker, task, gateway_key, device_key, dataset, tmp_path)
+    restarted.step(0)
+    assert listener.messages.get_nowait().payload == saved.pending
+    assert restarted.rounds_trained == 0 and restarted.state.counter == 0
+
+
+def test_a_later_round_means_the_saved_update_is_not_sent_again(
+    setup, task, gateway_key, dataset, tmp_path
+):
+    broker, agent, listener, device_key = setup
+    publish_model(broker, task, gateway_key, round_=0)
+    agent.step(0)
+    listener.messages.get_nowait()
+    publish_model(broker, task, gateway_key, round_=2)  # round 0 closed while we were away
+    restarted = restart(broker, task, gateway_key, device_key, dataset, tmp_path)
+    restarted.step(0)
+    env = decode_envelope(listener.messages.get_nowait().payload)
+    assert env.header.round == 2 and restarted.resends == 0 and listener.messages.empty()
+
+
+def test_unreadable_pending_frame_names_the_state_file(tmp_path):
+    path = tmp_path / "state.json"
+    path.write_text('{"counter": 1, "last_round": 1, "pending": "not base64!"}')
+    with pytest.raises(AgentError, match="state.json: unreadable agent state"):
+        AgentState.load(path)
 
 
 def test_final_model_stops_the_agent(setup, task, gateway_key):
@@ -157,3 +205,37 @@ def test_a_task_too_big_for_the_board_is_refused(task, gateway_key):
             gateway_key=gateway_key.public_key(), data=(np.ones((4, 30), np.float32), np.zeros(4, np.int64)),
             device_class=load_device_class(FIRMWARE / "raspberry-pi-zero-2w.toml"),
         )  # fmt: skip
+
+
+def test_the_pending_update_goes_again_every_resend_seconds_while_its_round_is_newest(
+    task, dataset, gateway_key
+):
+    broker, now = InMemoryBroker(), [0.0]
+    agent = EdgeAgent(
+        device="dev-0", task=task, transport=broker.transport(), signer=generate_key().sign,
+        gateway_key=gateway_key.public_key(), data=(dataset.x_train[:50], dataset.y_train[:50]),
+        resend_seconds=10.0, clock=lambda: now[0],
+    )  # fmt: skip
+    listener = broker.transport()
+    listener.subscribe(update_subscription(task.id))
+    listener.start()
+    agent.start()
+    publish_model(broker, task, gateway_key, round_=0)
+    agent.step(0)
+    first = listener.messages.get_nowait().payload
+    now[0] = 9.9
+    agent.step(0)
+    assert listener.messages.empty()  # not yet
+    now[0] = 10.0
+    agent.step(0)
+    assert listener.messages.get_nowait().payload == first and agent.resends == 1
+    now[0] = 15.0
+    agent.step(0)
+    assert listener.messages.empty()  # the clock restarts at each send
+    publish_model(broker, task, gateway_key, round_=1)
+    agent.step(0)
+    assert decode_envelope(listener.messages.get_nowait().payload).header.round == 1
+    now[0] = 100.0
+    agent.step(0)
+    assert decode_envelope(listener.messages.get_nowait().payload).header.round == 1
+    assert agent.resends == 2  # the round-1 update, round 0 is never sent again
