@@ -12,6 +12,7 @@ import logging
 import signal
 import sys
 import threading
+import time
 from pathlib import Path
 from typing import Annotated
 
@@ -267,6 +268,77 @@ def gateway_run(
         gw.run(stop)
     finally:
         gw.close()
+
+
+@gateway_app.command("status")
+def gateway_status(
+    config: Annotated[
+        Path | None, typer.Option("--config", "-c", help="Gateway config file (TOML).")
+    ] = None,
+    store: Annotated[
+        Path | None,
+        typer.Option("--store", help="A gateway store (SQLite) instead: every task it holds."),
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the status as JSON.")] = False,
+) -> None:
+    """Show what a gateway's store says, running or not: closed rounds, rounds the ledger
+    does not hold yet, the open round and its updates, rejections, and any round the ledger
+    contract refuses (later rounds wait behind it). Read-only.
+
+    Exit status: 0, or 1 when the ledger refuses a round.
+    """
+    from fedcore import load_task
+    from gateway import UpdateStore, load_gateway_config
+
+    if (config is None) == (store is None):
+        raise typer.BadParameter("give --config (a gateway) or --store (a store file)")
+    tasks = None
+    if config is not None:
+        section = load_gateway_config(config).gateway
+        store, tasks = section.store, [load_task(section.task).id]
+    assert store is not None
+    if not store.exists():
+        raise typer.BadParameter(f"{store}: no such store (has the gateway run yet?)")
+    db = UpdateStore.open_readonly(store)
+    try:
+        summaries = [db.summary(task) for task in (tasks or db.tasks())]
+    finally:
+        db.close()
+    refused = any(s["refused_rounds"] for s in summaries)
+    if as_json:
+        sys.stdout.write(json.dumps({"store": str(store), "tasks": summaries}, sort_keys=True))
+        sys.stdout.write("\n")
+    else:
+        if not summaries:
+            console.print(f"{store}: no rounds yet", highlight=False)
+        for s in summaries:
+            console.print(_status_text(s), highlight=False)
+    if refused:
+        raise typer.Exit(1)
+
+
+def _status_text(s: dict) -> str:
+    lines = [f"task {s['task']}: {s['closed_rounds']} closed rounds"]
+    opened = s["open_round"]
+    if opened is not None:
+        when = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(opened["deadline"]))
+        lines.append(
+            f"  open: round {opened['round']}, {opened['updates']} updates, deadline {when}"
+        )
+    if s["unledgered_rounds"]:
+        lines.append(
+            f"  not on the ledger yet: {s['unledgered_rounds']} rounds, from round"
+            f" {s['oldest_unledgered']}"
+        )
+    else:
+        lines.append("  the ledger holds every closed round")
+    for r in s["refused_rounds"]:
+        lines.append(f"  REFUSED by the ledger: round {r['round']}: {r['reason']}")
+    lines.append(f"  accepted updates: {s['accepted_updates']}")
+    if s["rejections"]:
+        counts = ", ".join(f"{k} {v}" for k, v in sorted(s["rejections"].items()))
+        lines.append(f"  rejected: {counts}")
+    return "\n".join(lines)
 
 
 # ---------------------------------------------------------------- ledger

@@ -22,9 +22,10 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from fedcore import MAX_BATCH_RECORDS
+from fedcore import MAX_BATCH_RECORDS, crash_point
 from ledger import ContractError, Identity, LedgerBackend, LedgerError
 
+from ._errors import GatewayError
 from ._store import UpdateStore
 
 if TYPE_CHECKING:
@@ -212,6 +213,10 @@ class LedgerOutbox:
                     round_, what, exc, self._max_backoff,
                 )  # fmt: skip
             self.state.refused_round, self.state.refused_reason = round_, str(exc)
+            try:
+                self.store.note_refused(self.task_id, round_, str(exc), self._clock())
+            except GatewayError as store_exc:  # reported in the log and the metric anyway
+                log.warning("cannot record the refusal of round %d: %s", round_, store_exc)
         else:
             log.error("ledger unavailable for round %d (%s), retrying: %s", round_, what, exc)
 
@@ -226,6 +231,7 @@ class LedgerOutbox:
                     identity=self.identity,
                 )  # fmt: skip
                 state = {"status": "open", "batches": 0}
+            crash_point("gateway.anchoring")
             if state["status"] != "committed":
                 for batch in record["batches"][state["batches"] :]:
                     self.ledger.submit("RecordUpdates", task, round_, batch, identity=self.identity)

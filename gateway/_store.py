@@ -72,6 +72,13 @@ CREATE TABLE IF NOT EXISTS rejections (
     received_at REAL NOT NULL,
     digest      TEXT NOT NULL
 );
+CREATE TABLE IF NOT EXISTS ledger_refusals (
+    task   TEXT NOT NULL,
+    round  INTEGER NOT NULL,
+    reason TEXT NOT NULL,
+    since  REAL NOT NULL,
+    PRIMARY KEY (task, round)
+);
 """
 
 
@@ -252,8 +259,73 @@ class UpdateStore:
 
     def mark_ledgered(self, task: str, round_: int) -> None:
         self._write(
-            [("UPDATE rounds SET ledgered = 1 WHERE task = ? AND round = ?", (task, round_))]
+            [
+                ("UPDATE rounds SET ledgered = 1 WHERE task = ? AND round = ?", (task, round_)),
+                ("DELETE FROM ledger_refusals WHERE task = ? AND round = ?", (task, round_)),
+            ]
         )
+
+    def note_refused(self, task: str, round_: int, reason: str, since: float) -> None:
+        """Record that the ledger contract refuses a closed round (``gateway status`` reads
+        it from here while the gateway runs, or after it stopped); anchoring it clears it."""
+        self._write(
+            [
+                (
+                    "INSERT INTO ledger_refusals VALUES (?, ?, ?, ?) ON CONFLICT (task, round)"
+                    " DO UPDATE SET reason = excluded.reason",
+                    (task, round_, reason, since),
+                )
+            ]
+        )
+
+    def refusals(self, task: str) -> list[dict[str, Any]]:
+        """The closed rounds the ledger refuses, as last reported (none in a store written
+        before refusals were recorded)."""
+        try:
+            rows = self._db.execute(
+                "SELECT round, reason, since FROM ledger_refusals WHERE task = ? ORDER BY round",
+                (task,),
+            ).fetchall()
+        except sqlite3.OperationalError:  # an older store, opened read-only
+            return []
+        return [{"round": int(r), "reason": why, "since": since} for r, why, since in rows]
+
+    def summary(self, task: str) -> dict[str, Any]:
+        """Counts for ``gateway status``: closed rounds, those the ledger lacks, the open
+        round with its accepted updates, and rejections by reason."""
+        closed, unledgered = self._db.execute(
+            "SELECT COUNT(*), COALESCE(SUM(ledgered = 0), 0) FROM rounds"
+            " WHERE task = ? AND status = 'closed'",
+            (task,),
+        ).fetchone()
+        oldest = self._db.execute(
+            "SELECT MIN(round) FROM rounds WHERE task = ? AND status = 'closed' AND ledgered = 0",
+            (task,),
+        ).fetchone()[0]
+        open_row = self._db.execute(
+            "SELECT round, deadline FROM rounds WHERE task = ? AND status = 'open'"
+            " ORDER BY round DESC LIMIT 1",
+            (task,),
+        ).fetchone()
+        opened = None
+        if open_row is not None:
+            (count,) = self._db.execute(
+                "SELECT COUNT(*) FROM updates WHERE task = ? AND round = ?", (task, open_row[0])
+            ).fetchone()
+            opened = {"round": int(open_row[0]), "deadline": open_row[1], "updates": count}
+        (accepted,) = self._db.execute(
+            "SELECT COUNT(*) FROM updates WHERE task = ?", (task,)
+        ).fetchone()
+        return {
+            "task": task,
+            "closed_rounds": int(closed),
+            "unledgered_rounds": int(unledgered),
+            "oldest_unledgered": None if oldest is None else int(oldest),
+            "open_round": opened,
+            "accepted_updates": int(accepted),
+            "rejections": self.rejection_counts(task),
+            "refused_rounds": self.refusals(task),
+        }
 
     def rounds(self, task: str) -> list[RoundRow]:
         """Every round of the task (audits and reports; the gateway's loop never reads them

@@ -116,6 +116,14 @@ BAD_INPUTS = {
     ],
     ("agent", "device-class"): [["{d}/missing.toml"], ["{d}/garbage.toml"]],
     ("gateway", "run"): [["--config", "{d}/missing.toml"], ["--config", "{d}/garbage.toml"]],
+    ("gateway", "status"): [
+        [],
+        ["--store", "{d}/missing.sqlite"],
+        ["--store", "{d}/garbage.sqlite"],
+        ["--store", "{d}/ledger.sqlite"],
+        ["--config", "{d}/garbage.toml"],
+        ["--config", "{d}/garbage.toml", "--store", "{d}/garbage.sqlite"],
+    ],
     ("ledger", "verify"): [
         ["--db", "{d}/missing.sqlite"],
         ["--db", "{d}/garbage.sqlite"],

@@ -1,6 +1,9 @@
 """The ledger outbox: rounds reach the ledger in order, off the loop; a refused round is
 reported and waits; the fleet's status is one query per round."""
 
+import json
+import subprocess
+import sys
 import threading
 
 import pytest
@@ -13,6 +16,13 @@ from ledger import ContractError
 from .fleet import Clock, make_agents, make_gateway, pump
 
 G = "fedledger_gateway_"
+
+
+def gateway_status(store):
+    return subprocess.run(
+        [sys.executable, "-m", "fedledger", "gateway", "status", "--store", str(store), "--json"],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
 
 
 class GatedLedger:
@@ -98,11 +108,23 @@ def test_a_refused_round_is_reported_and_later_rounds_wait(world, caplog):
     assert prom.get_sample_value(G + "ledger_refused_round") == 1
     assert [r.round for r in gateway.store.unledgered(gateway.task.id)] == [1, 2]
     assert "the ledger refuses round 1" in caplog.text
+    # ``gateway status`` reads the refusal from the store, from another process
+    status = gateway_status(gateway.store.path)
+    assert status.returncode == 1, status.stderr
+    (summary,) = json.loads(status.stdout)["tasks"]
+    assert [r["round"] for r in summary["refused_rounds"]] == [1]
+    assert "forbidden" in summary["refused_rounds"][0]["reason"]
+    assert summary["unledgered_rounds"] == 2 and summary["oldest_unledgered"] == 1
     gateway.ledger.refuse_round = None  # the operator fixed the cause
     gateway.outbox.wake()
     assert gateway.outbox.drain(40)
     assert gateway.outbox.state.refused_round is None
     assert prom.get_sample_value(G + "ledger_refused_round") == -1
+    status = gateway_status(gateway.store.path)
+    assert status.returncode == 0, status.stderr
+    (summary,) = json.loads(status.stdout)["tasks"]
+    assert summary["refused_rounds"] == [] and summary["unledgered_rounds"] == 0
+    assert summary["closed_rounds"] == 3
     assert gateway.ledger.verify(replay=True, store=gateway.store).ok
 
 
