@@ -9,11 +9,12 @@ STAMP := $(VENV)/.fedledger-installed
 DEMO_ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: demo test test-provision provision-tools setup broker prometheus lint bench dashboards clean help
+.PHONY: demo test test-crash test-provision provision-tools setup broker prometheus lint bench dashboards clean help
 
 help:
 	@echo "make demo    set everything up and run a federated training on this machine"
 	@echo "make test    set everything up and run the whole test suite"
+	@echo "make test-crash  kill gateways, agents and a broker at random moments over whole tasks"
 	@echo "make test-provision  boot Debian test hosts and run the Ansible playbooks against them (root)"
 	@echo "make bench   print the benchmark figures as JSON"
 	@echo "make lint    ruff over the tree"
@@ -23,7 +24,12 @@ demo: setup broker
 	$(BIN)/fedledger demo $(DEMO_ARGS)
 
 test: setup broker prometheus
-	$(BIN)/python -m pytest -m "not provision" $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -m "not provision and not crash" $(PYTEST_ARGS)
+
+# Random SIGKILLs of the gateway (and a broker, and an agent) over whole tasks with real
+# agents: a few minutes. FEDLEDGER_CRASH_SEED=<seed> replays a run's kill moments.
+test-crash: setup broker
+	$(BIN)/python -m pytest -m crash -s tests/integration/test_random_kills.py $(PYTEST_ARGS)
 
 # The Ansible site converged for real on two Debian hosts (debootstrap + systemd-nspawn in
 # network namespaces, so it needs root); a few minutes, most of it the first rootfs build.
