@@ -11,6 +11,7 @@ from ._contract import CODES, ContractError, FedLedgerContract
 from ._embedded import EmbeddedLedger
 from ._errors import ChainError, LedgerError
 from ._merkle import leaf_hash, merkle_root
+from ._privacy import privacy_report
 from ._store_check import DISCREPANCY_KINDS, Discrepancy, GatewayStore, StoreCheck
 
 __all__ = [
@@ -34,4 +35,5 @@ __all__ = [
     "VerifyReport",
     "leaf_hash",
     "merkle_root",
+    "privacy_report",
 ]

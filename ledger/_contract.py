@@ -14,10 +14,13 @@ RegisterDevice                submit    an ``admin`` of the device's organisatio
 RevokeDevice                  submit    an ``admin`` of the device's organisation
 RotateDeviceKey               submit    an ``admin`` or a ``gateway`` of the device's org
 GetDevice                     evaluate  anyone
+GetDevices                    evaluate  anyone
 CreateTask                    submit    an ``admin`` of the task's organisation
 OpenRound                     submit    the task's gateway
 RecordUpdates                 submit    the task's gateway; event ``UpdatesRecorded``
 CommitRound                   submit    the task's gateway; event ``RoundCommitted``
+EndTask                       submit    the task's gateway (reveals a DP sampling seed)
+GetTask                       evaluate  anyone
 GetRound                      evaluate  anyone
 GetHistory                    evaluate  anyone
 GetDeviceContributions        evaluate  anyone
@@ -57,6 +60,7 @@ Errors are :class:`ContractError` with a fixed ``code``:
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import re
@@ -89,6 +93,16 @@ EVENT_ROUND_COMMITTED = "RoundCommitted"
 MAX_PRIVACY_BYTES = 4_096
 
 _HEX64 = re.compile(r"[0-9a-f]{64}")
+_HEX = re.compile(r"(?:[0-9a-f]{2}){16,64}")
+#: How a task can end (``EndTask``).
+TASK_END_STATUSES = ("completed", "budget_exhausted")
+
+
+def _is_hex(value: str) -> bool:
+    """16 to 64 bytes as lowercase hex (a revealed seed)."""
+    return _HEX.fullmatch(value) is not None
+
+
 _TOKEN = re.compile(r"[a-z][a-z0-9_]{0,63}")
 _SUBJECT = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.@-]{0,127}")
 _RECORD_FIELDS = frozenset({"device", "digest", "samples", "codec", "accepted", "reason"})
@@ -571,6 +585,10 @@ class FedLedgerContract:
         key = task_key(task_id)
         task = _load(ctx, key, f"task {task_id}")
         _require_gateway(who, task, "OpenRound")
+        if task.get("ended") is not None:
+            raise ContractError(
+                "conflict", f"task {task_id} ended ({task['ended']['status']}); no round opens"
+            )
         if task["open_round"] is not None:
             raise ContractError(
                 "conflict", f"round {task['open_round']} of task {task_id} is still open"
@@ -814,6 +832,62 @@ class FedLedgerContract:
         }
         ctx.set_event(EVENT_ROUND_COMMITTED, canonical_json(event))
         return rnd
+
+    @staticmethod
+    @submit
+    def EndTask(
+        ctx: TxContext, task_id: str, status: str, detail: dict[str, Any]
+    ) -> dict[str, Any]:
+        """End a task: ``completed`` after its last round, or ``budget_exhausted`` when its
+        privacy budget leaves no room for another round. No round opens after this.
+
+        A task whose privacy terms commit to a sampling seed (``privacy.dp.seed_sha256``)
+        must reveal it here (``detail.dp_seed``, hex), and it must hash to the commitment,
+        so anyone can recompute which devices each round sampled.
+        """
+        who = _caller(ctx)
+        _identifier(task_id, "task_id")
+        if status not in TASK_END_STATUSES:
+            raise _invalid("status", f"must be one of {list(TASK_END_STATUSES)}")
+        detail = _privacy(detail)
+        now = _tx_time(ctx)
+        key = task_key(task_id)
+        task = _load(ctx, key, f"task {task_id}")
+        _require_gateway(who, task, "EndTask")
+        if task.get("ended") is not None:
+            raise ContractError("conflict", f"task {task_id} already ended")
+        if task["open_round"] is not None:
+            raise ContractError(
+                "conflict", f"round {task['open_round']} of task {task_id} is still open"
+            )
+        dp = (task.get("privacy") or {}).get("dp") or {}
+        committed = dp.get("seed_sha256")
+        if committed is not None:
+            seed = detail.get("dp_seed")
+            if not isinstance(seed, str) or not _is_hex(seed):
+                raise _invalid("detail.dp_seed", "the task's sampling seed (hex) must be revealed")
+            if hashlib.sha256(bytes.fromhex(seed)).hexdigest() != committed:
+                raise _invalid(
+                    "detail.dp_seed", f"does not hash to the task's seed_sha256 {committed}"
+                )
+        task["ended"] = {
+            "status": status,
+            "detail": detail,
+            "rounds": task["next_round"],
+            "at": now,
+            "tx": ctx.tx_id,
+        }
+        _put(ctx, key, task)
+        return task
+
+    @staticmethod
+    @evaluate
+    def GetTask(ctx: TxContext, task_id: str) -> dict[str, Any]:
+        """The task's record: its terms (privacy included), round cursor and, once it ended,
+        how (``ended``)."""
+        _caller(ctx)
+        _identifier(task_id, "task_id")
+        return _load(ctx, task_key(task_id), f"task {task_id}")
 
     @staticmethod
     @evaluate

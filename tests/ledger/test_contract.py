@@ -162,11 +162,13 @@ def test_transactions_and_kinds():
     assert {name: kind for name, (_, kind) in TX.items()} == {
         "CommitRound": "submit",
         "CreateTask": "submit",
+        "EndTask": "submit",
         "GetDevice": "evaluate",
         "GetDevices": "evaluate",
         "GetDeviceContributions": "evaluate",
         "GetHistory": "evaluate",
         "GetRound": "evaluate",
+        "GetTask": "evaluate",
         "OpenRound": "submit",
         "RecordUpdates": "submit",
         "RegisterDevice": "submit",
