@@ -134,6 +134,16 @@ def _seed_for(seed: int, device: str, rnd: int) -> int:
     return int.from_bytes(digest[:8], "big")
 
 
+def local_delta(spec, params, data, idx, recipe: Recipe, *, seed: int, device: str, rnd: int):
+    """One device's local training from ``params`` on its rows ``idx``: the model delta."""
+    local = train(
+        spec, params, data.x_train[idx], data.y_train[idx],
+        epochs=recipe.epochs, batch_size=recipe.batch_size, lr=recipe.lr,
+        seed=_seed_for(seed, device, rnd),
+    )  # fmt: skip
+    return {k: local[k] - params[k] for k in params}
+
+
 def _federate(
     spec: ModelSpec,
     recipe: Recipe,
@@ -157,12 +167,7 @@ def _federate(
         base = model_hash(params)
         total = {k: np.zeros(v.shape, dtype=np.float64) for k, v in params.items()}
         for i, (device, idx) in enumerate(zip(devices, parts, strict=True)):
-            local = train(
-                spec, params, data.x_train[idx], data.y_train[idx],
-                epochs=recipe.epochs, batch_size=recipe.batch_size, lr=recipe.lr,
-                seed=_seed_for(seed, device, rnd),
-            )  # fmt: skip
-            delta = {k: local[k] - params[k] for k in params}
+            delta = local_delta(spec, params, data, idx, recipe, seed=seed, device=device, rnd=rnd)
             if codec.startswith("topk-"):
                 delta, residuals[i] = topk_with_feedback(
                     delta, residuals[i], k_fraction, codec=codec

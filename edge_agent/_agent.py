@@ -37,6 +37,7 @@ from fedcore import (
     UpdateHeader,
     WireError,
     check_task_fits,
+    clip_update,
     crash_point,
     decode_envelope,
     decode_tensors,
@@ -181,6 +182,9 @@ class EdgeAgent:
         self.rounds_trained = 0
         #: Updates sent again because their round was still open (see :class:`AgentState`).
         self.resends = 0
+        #: Rounds this device was not sampled for (a DP task's Poisson sampling).
+        self.rounds_skipped = 0
+        self._skipped = -1
         self.bytes_sent = 0
         self.metrics = metrics
         if metrics is not None:
@@ -266,6 +270,12 @@ class EdgeAgent:
             return None
         if header.round <= self.state.last_round:
             return None  # already trained on this round (a retained or re-published model)
+        if header.sampled is not None and self.device not in header.sampled:
+            if header.round != self._skipped:
+                self._skipped = header.round
+                self.rounds_skipped += 1
+                log.info("round %d: not sampled; waiting for the next round", header.round)
+            return None
         return header, envelope.payload
 
     def _maybe_resend(self) -> None:
@@ -312,6 +322,12 @@ class EdgeAgent:
             delta, self.residual = topk_with_feedback(
                 delta, self.residual, self.k_fraction, codec=self.codec
             )
+        if self.task.dp is not None:
+            # DP-FedAvg: the update is bounded here, where the data is (the gateway clips
+            # again, since it cannot take a device's word for it)
+            delta, norm = clip_update(delta, self.task.dp.clip)
+            log.debug("round %d: update norm %.4g, clipped to %.4g", header.round, norm,
+                      self.task.dp.clip)  # fmt: skip
         payload = encode_tensors(delta, self.codec, k_fraction=self.k_fraction)
         self.state.counter += 1
         frame = encode_update(

@@ -16,6 +16,10 @@ from ._config import StrictModel, load_config
 from ._errors import ConfigError
 from ._limits import MAX_ROUND
 from ._model import ModelSpec
+from ._privacy import DPSection
+
+#: The aggregation rules differential privacy composes with: a (clipped, noised) sum.
+DP_RULES = ("fedavg", "fedprox")
 
 Identifier = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")]
 
@@ -126,6 +130,23 @@ class TaskSpec(StrictModel):
     #: Present: the agents' and the gateway's ``.csv`` data have a header row and are read by
     #: column name, labels mapped to classes (``fedledger init`` writes it).
     columns: ColumnsSection | None = None
+    #: Present: client-level differential privacy (DP-FedAvg): clipped updates, Gaussian
+    #: noise on their sum, optional Poisson sampling of devices, a budget (docs/privacy.md).
+    dp: DPSection | None = None
+
+    @model_validator(mode="after")
+    def _dp_composes(self):
+        if self.dp is None:
+            return self
+        if self.aggregation not in DP_RULES or self.aggregation_options:
+            raise ValueError(
+                f"dp needs aggregation {' or '.join(DP_RULES)} without aggregation_options:"
+                " robust rules look at individual updates, so the noise on their sum would"
+                " not bound what the model reveals"
+            )
+        if self.asynchronous is not None:
+            raise ValueError("dp runs synchronous rounds; remove [asynchronous]")
+        return self
 
     @model_validator(mode="after")
     def _columns_fit_model(self):
@@ -148,7 +169,7 @@ class TaskSpec(StrictModel):
 
     def spec_hash(self) -> str:
         # An absent section is left out, so synchronous tasks keep the hash they had.
-        absent = {name for name in ("asynchronous", "columns") if getattr(self, name) is None}
+        absent = {name for name in ("asynchronous", "columns", "dp") if getattr(self, name) is None}
         exclude = absent or None
         return sha256_hex(canonical_json(self.model_dump(mode="json", exclude=exclude)))
 
@@ -168,3 +189,11 @@ def _model_key(message: str) -> str:
         if message.startswith(name):
             return f"model.{name}"
     return "model"
+
+
+def ledger_privacy(task: TaskSpec) -> dict:
+    """What ``CreateTask`` records as the task's privacy terms."""
+    return {
+        "dp": None if task.dp is None else task.dp.ledger_terms(),
+        "secure_aggregation": False,
+    }

@@ -81,6 +81,9 @@ class ModelHeader:
     status: str  # "open": train on it; "final": the task is finished
     deadline: float  # unix seconds after which the gateway closes the round
     payload_sha256: str = ""
+    #: A task with sampled rounds (differential privacy): the devices asked to train on this
+    #: model, sorted; the others skip the round. ``None``: every device trains.
+    sampled: tuple[str, ...] | None = None
 
     @property
     def model_hash(self) -> str:
@@ -183,6 +186,10 @@ def open_update_payload(envelope: Envelope, private_key: X25519PrivateKey | None
 
 def encode_model(header: ModelHeader, payload: bytes, signer: Signer) -> bytes:
     fields = asdict(header)
+    if header.sampled is None:
+        del fields["sampled"]  # absent, so a model without sampling has the header it had
+    else:
+        fields["sampled"] = list(header.sampled)
     fields["payload_sha256"] = hashlib.sha256(payload).hexdigest()
     _check_model(fields)
     return _frame(TYPE_MODEL, fields, payload, signer)
@@ -235,6 +242,8 @@ def decode_envelope(data: bytes, *, max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) 
         header = UpdateHeader(**fields)
     else:
         _check_model(fields)
+        if "sampled" in fields:
+            fields["sampled"] = tuple(fields["sampled"])
         header = ModelHeader(**fields)
     payload = data[PREFIX_BYTES + header_len : sig_at]
     if hashlib.sha256(payload).hexdigest() != header.payload_sha256:
@@ -316,6 +325,15 @@ def _check_update(fields: dict[str, Any]) -> None:
 
 
 def _check_model(fields: dict[str, Any]) -> None:
+    sampled = fields.get("sampled")
+    if "sampled" in fields:
+        if not isinstance(sampled, list) or not all(isinstance(d, str) for d in sampled):
+            raise WireError("malformed", "header field sampled must be a list of device ids")
+        for device in sampled:
+            _check_identifier(device, "sampled")
+        if sampled != sorted(set(sampled)):
+            raise WireError("malformed", "header field sampled must be sorted, without repeats")
+        fields = {k: v for k, v in fields.items() if k != "sampled"}
     _require(fields, _MODEL_FIELDS)
     _check_identifier(fields["task"], "task")
     _check_hex64(fields["payload_sha256"], "payload_sha256")

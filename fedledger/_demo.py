@@ -19,7 +19,7 @@ from typing import Any
 
 from fedcore import BrokerSection, accuracy, atomic_write_text, init_params, load_task, train
 from gateway import RoundResult, UpdateStore, load_gateway_config, open_gateway
-from ledger import EmbeddedLedger
+from ledger import EmbeddedLedger, Identity, privacy_report
 
 from ._broker import MosquittoBroker, SecureBrokerFiles, free_port
 from ._datasets import load_dataset
@@ -27,6 +27,8 @@ from ._pki import ca_cert_path, crl_path
 from ._provision import Layout, TaskOptions, provision
 
 log = logging.getLogger(__name__)
+
+AUDITOR = Identity(msp_id="org1", subject="demo", role="auditor")
 
 
 @dataclass(frozen=True)
@@ -189,6 +191,10 @@ def run_demo(
             verify = chain.verify(public_key=layout.gateway_public_key, replay=True, store=store)
     finally:
         store.close()
+    privacy = None
+    if options.task.dp is not None:
+        with EmbeddedLedger.open_readonly(layout.ledger) as chain:
+            privacy = privacy_report(chain, options.task.task_id, identity=AUDITOR)
     central = centralized_accuracy(layout, dataset)
     final = results[-1].accuracy if results else None
     report: dict[str, Any] = {
@@ -200,6 +206,7 @@ def run_demo(
         "codec": options.task.codec,
         "model": options.task.model,
         "secure": options.secure,
+        "privacy": privacy,
         "device_samples": layout.device_samples,
         "device_labels": layout.device_labels,
         "rounds": [
@@ -266,6 +273,19 @@ def write_plot(report: dict[str, Any], path: Path) -> Path:
     ax.set_xticks(rounds)
     ax.grid(alpha=0.3)
     ax.legend(loc="lower right")
+    privacy = report.get("privacy")
+    if privacy is not None and privacy["rounds"]:
+        # the privacy spent, on its own axis: what each round of accuracy cost
+        spent = ax.twinx()
+        spent.plot(
+            [r["round"] + 1 for r in privacy["rounds"]],
+            [r["epsilon"] for r in privacy["rounds"]],
+            color="tab:red", marker=".", label="epsilon spent",
+        )  # fmt: skip
+        spent.axhline(privacy["budget_epsilon"], color="tab:red", linestyle=":", label="budget")
+        spent.set_ylim(0, 1.25 * privacy["budget_epsilon"])
+        spent.set_ylabel(f"epsilon at delta {privacy['dp']['target_delta']:g}")
+        spent.legend(loc="center right")
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)

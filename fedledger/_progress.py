@@ -107,6 +107,15 @@ class RoundTable:
             f" {report['ledger_path']}",
             f"  report                {report['report_path']}",
         ]
+        privacy = report.get("privacy")
+        if privacy is not None:
+            ended = (privacy.get("ended") or {}).get("status", "?")
+            lines.append(
+                f"  privacy               epsilon {privacy['epsilon']:.3f} at delta"
+                f" {privacy['dp']['target_delta']:g} (budget {privacy['budget_epsilon']:g};"
+                f" task {ended}); recompute: fedledger ledger privacy {report['task']}"
+                f" --db {report['ledger_path']}"
+            )
         if report.get("plot_path"):
             lines.append(f"  plot                  {report['plot_path']}")
         if report["ledger_problem"]:

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import tomli_w
 
-from fedcore import fresh_folder, generate_key, public_key_b64, save_private_key
+from fedcore import fresh_folder, generate_key, new_dp_seed, public_key_b64, save_private_key
 from gateway import DeviceRegistry
 
 from ._datasets import Dataset, dirichlet_partition
@@ -43,6 +43,9 @@ class TaskOptions:
     round_timeout: float = 30.0
     quorum: int = 1
     aggregation: str = "fedavg"
+    #: The task's ``[dp]`` terms (``noise_multiplier``, ``clip``, ``budget_epsilon``,
+    #: optionally ``sampling`` and ``target_delta``); a sampling seed is made when needed.
+    dp: dict | None = None
 
 
 def device_ids(n: int) -> list[str]:
@@ -123,6 +126,13 @@ def _provision(
         },
         "training": {"epochs": options.epochs, "batch_size": options.batch_size, "lr": options.lr},
     }
+    gateway_dp: dict[str, object] = {}
+    if options.dp is not None:
+        terms = dict(options.dp)
+        if terms.get("sampling", 1.0) < 1:
+            terms["seed_sha256"] = new_dp_seed(root / "keys" / "dp-seed")
+            gateway_dp = {"dp_seed": "keys/dp-seed"}
+        task["dp"] = terms
     task_path = root / "task.toml"
     task_path.write_text(tomli_w.dumps(task))
 
@@ -206,6 +216,7 @@ def _provision(
                     "ledger": "ledger.sqlite",
                     "evaluation": "holdout.npz",
                     **gateway_trust,
+                    **gateway_dp,
                 },
                 "broker": broker("gateway", "gateway"),
             }

@@ -549,14 +549,14 @@ class AdminLedger:
     def create_task(self) -> LedgerResult:
         """Declare the site's task with its initial model, as the gateway would on its first
         start; a task already there with the same initial model is reported as such."""
-        from fedcore import init_params, model_hash
+        from fedcore import init_params, ledger_privacy, model_hash
         from ledger import ContractError
 
         g = self.config.gateway
         task = load_task(g.task)
         spec = task.model_spec()
         initial = model_hash(init_params(spec))
-        privacy = {"dp": None, "secure_aggregation": False}
+        privacy = ledger_privacy(task)
         args = (task.id, g.org, g.id, spec.spec_hash(), task.aggregation_label(), privacy, initial)
         try:
             self.backend.submit("CreateTask", *args, identity=self.admin)

@@ -115,6 +115,9 @@ class LedgerOutbox:
         self._stop = threading.Event()
         self._idle = threading.Event()
         self._own_store: UpdateStore | None = None
+        #: How the task ended, for ``EndTask`` once every closed round is on the ledger.
+        self._end: tuple[str, dict[str, Any]] | None = None
+        self._ended = False
         self._seen: dict[int, float] = {}
 
     # ------------------------------------------------------------------ driving
@@ -141,6 +144,10 @@ class LedgerOutbox:
         """Declare the open round on the ledger (after the closed ones); if this fails, the
         close's anchoring opens it."""
         self._open = (round_, base_hash, round(deadline, 3))
+
+    def end(self, status: str, detail: dict[str, Any]) -> None:
+        """Record on the ledger that the task ended (after its closed rounds)."""
+        self._end = (status, detail)
 
     def drain(self, timeout: float) -> bool:
         """Wait up to ``timeout`` s for the ledger to hold every closed round (inline: one
@@ -196,6 +203,22 @@ class LedgerOutbox:
                 return False
             self._report(pending[i + 1 :])
         self._declare_open()
+        return self._submit_end()
+
+    def _submit_end(self) -> bool:
+        if self._end is None or self._ended:
+            return True
+        status, detail = self._end
+        try:
+            task = self.ledger.evaluate("GetTask", self.task_id, identity=self.identity)
+            if task.get("ended") is None:
+                self.ledger.submit("EndTask", self.task_id, status, detail, identity=self.identity)
+                log.info("task %s ended on the ledger: %s", self.task_id, status)
+        except (LedgerError, OSError) as exc:
+            self.state.failures += 1
+            log.error("ledger could not record the end of task %s, retrying: %s", self.task_id, exc)
+            return False
+        self._ended = True
         return True
 
     def _report(self, pending: list) -> None:

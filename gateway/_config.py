@@ -45,6 +45,9 @@ class GatewaySection(StrictModel):
     encryption_key: Path | None = None
     #: Refuse updates whose payload is not sealed (``not_encrypted``); needs ``encryption_key``.
     require_encryption: bool = False
+    #: The secret seed (hex, ``fedledger pki dp-seed``) that draws a DP task's sampled
+    #: devices; its SHA-256 is the task's ``dp.seed_sha256``. Revealed on the ledger at the end.
+    dp_seed: Path | None = None
     #: Held-out data (``.npz`` with ``x`` and ``y``) to evaluate each new global model.
     evaluation: Path | None = None
     max_message_bytes: Annotated[int, Field(ge=1024, le=256 << 20)] = DEFAULT_MAX_MESSAGE_BYTES
@@ -67,6 +70,7 @@ class GatewaySection(StrictModel):
         "ca",
         "crl",
         "encryption_key",
+        "dp_seed",
         mode="before",
     )
     @classmethod

@@ -41,6 +41,7 @@ REJECT_REASONS = (
     "shape_mismatch",
     "non_finite",
     "round_closed",
+    "not_sampled",
 )
 
 

@@ -161,6 +161,13 @@ class GatewayMetrics:
             "The round the ledger contract refuses (later rounds wait behind it); -1: none.",
             lambda s: -1 if outbox.refused_round is None else outbox.refused_round,
         )
+        protocol = None if gateway is None else gateway.protocol
+        yield gauge(
+            "dp_epsilon",
+            "Privacy spent so far (epsilon at the task's delta, RDP accountant) of a task with"
+            " differential privacy; -1: the task has none.",
+            lambda s: getattr(protocol, "epsilon", -1.0),
+        )
         yield gauge(
             "current_round",
             "The round being run; the task's round count once the final model is published.",

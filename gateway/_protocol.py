@@ -81,6 +81,30 @@ class RoundProtocol:
     def record_metrics(self, current: OpenRound) -> dict[str, float]:
         return {}
 
+    def may_open(self, round_: int) -> str | None:
+        """``None`` when ``round_`` may open; else why not (the task then ends there, with
+        that reason on the ledger: a privacy budget spent, say)."""
+        return None
+
+    def sample(self, round_: int, population: Sequence[str]) -> tuple[str, ...] | None:
+        """The devices asked to train in ``round_``, named in its model message (``None``:
+        all of them). Called as the round opens, or is resumed."""
+        return None
+
+    @property
+    def sampled(self) -> tuple[str, ...] | None:
+        """The open round's :meth:`sample`."""
+        return None
+
+    def aggregator(self, shapes: Mapping[str, tuple[int, ...]], live: int) -> object | None:
+        """A round aggregator of the protocol's own (``add``/``result`` like
+        :class:`~gateway._aggregate.RoundAggregator`), or ``None`` for the task's rule."""
+        return None
+
+    def end_detail(self) -> dict[str, object] | None:
+        """What the ledger records when the task ends (``EndTask``); ``None``: nothing."""
+        return None
+
     def subscriptions(self, task_id: str) -> list[tuple[str, int]]:
         """Extra ``(topic filter, qos)`` this protocol's messages arrive on."""
         return []
@@ -102,18 +126,21 @@ def register_protocol(cls: type[RoundProtocol]) -> type[RoundProtocol]:
 
 
 def protocol_name(task: TaskSpec) -> str:
-    """The protocol a task runs: ``fedbuff`` with an ``asynchronous`` section, else
-    ``synchronous``."""
+    """The protocol a task runs: ``dp`` with a ``dp`` section, ``fedbuff`` with an
+    ``asynchronous`` one, else ``synchronous``."""
+    if task.dp is not None:
+        return "dp"
     return "synchronous" if task.asynchronous is None else "fedbuff"
 
 
 def make_protocol(
-    name: str, *, task: TaskSpec, store: UpdateStore, read_frame: FrameReader
+    name: str, *, task: TaskSpec, store: UpdateStore, read_frame: FrameReader, **options
 ) -> RoundProtocol:
+    """``options`` go to the protocol's constructor (``dp_seed`` for ``dp``)."""
     try:
         cls = PROTOCOLS[name]
     except KeyError:
         raise GatewayError(
             f"unknown round protocol {name!r}; known: {', '.join(sorted(PROTOCOLS))}"
         ) from None
-    return cls(task=task, store=store, read_frame=read_frame)
+    return cls(task=task, store=store, read_frame=read_frame, **options)

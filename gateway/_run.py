@@ -12,6 +12,7 @@ from fedcore import (
     ConfigError,
     MqttTransport,
     Transport,
+    load_dp_seed,
     load_local_data,
     load_private_key,
     load_task,
@@ -52,6 +53,7 @@ def open_gateway(
         )
     trust = None if g.ca is None else CertificateTrust.load(g.ca, g.crl)
     sealing = None if g.encryption_key is None else load_x25519_private_key(g.encryption_key)
+    dp_seed = None if g.dp_seed is None else load_dp_seed(g.dp_seed)
     if transport is None:
         # PUBACK only once an update is committed to the store (see Gateway).
         transport = MqttTransport(
@@ -82,6 +84,7 @@ def open_gateway(
         trust=trust,
         decryption_key=sealing,
         require_encryption=g.require_encryption,
+        dp_seed=dp_seed,
         # Anchoring waits for blocks (seconds on Fabric): never on the loop reading MQTT.
         ledger_worker=True,
     )

@@ -48,12 +48,14 @@ from fedcore import (
     encode_model,
     init_params,
     iter_tensors,
+    ledger_privacy,
     model_hash,
     model_payload,
     model_topic,
     open_update_payload,
     presence_subscription,
     presence_topic,
+    seed_digest,
     update_subscription,
 )
 from ledger import ContractError, Identity, LedgerBackend, LedgerError
@@ -70,7 +72,7 @@ from ._store import PendingRejection, PendingUpdate, UpdateStore
 from ._validate import AcceptedUpdate, RoundContext, UpdateValidator
 
 # The built-in round protocols register themselves on import.
-from . import _fedbuff, _sync  # noqa: F401  isort: skip
+from . import _dp, _fedbuff, _sync  # noqa: F401  isort: skip
 
 log = logging.getLogger(__name__)
 
@@ -126,6 +128,7 @@ class Gateway:
         require_encryption: bool = False,
         protocol: str | None = None,
         ledger_worker: bool = False,
+        dp_seed: bytes | None = None,
     ):
         """``identity`` is who the gateway submits rounds as (role ``gateway``); ``admin``, when
         given, registers the fleet and creates the task on the ledger at first start (the
@@ -135,7 +138,8 @@ class Gateway:
         ``protocol`` names a registered round protocol (default: the task's, see
         :func:`~gateway._protocol.protocol_name`). ``ledger_worker`` anchors rounds from a
         background thread (``fedledger gateway run``); without it the loop anchors inline,
-        which keeps a stepped gateway deterministic."""
+        which keeps a stepped gateway deterministic. ``dp_seed``: the secret that draws a DP
+        task's sampled devices; its SHA-256 must be the task's ``dp.seed_sha256``."""
         self.task = task
         self.spec = task.model_spec()
         self.transport = transport
@@ -160,8 +164,15 @@ class Gateway:
             decryption_key=decryption_key,
             require_encryption=require_encryption,
         )
+        options = {}
+        if task.dp is not None:
+            options["dp_seed"] = _checked_dp_seed(task, dp_seed)
         self.protocol = make_protocol(
-            protocol or protocol_name(task), task=task, store=store, read_frame=self._stored_update
+            protocol or protocol_name(task),
+            task=task,
+            store=store,
+            read_frame=self._stored_update,
+            **options,
         )
         #: Rounds the outbox anchored since the loop last looked (any thread puts).
         self._anchored: queue.SimpleQueue[int] = queue.SimpleQueue()
@@ -265,6 +276,7 @@ class Gateway:
             self._register(base_hash)
             next_round = 0
         if next_round >= self.task.rounds:
+            self._end("completed", None)
             self._anchor_now()
             self._publish_final(base_hash, params, next_round)
         else:
@@ -488,6 +500,15 @@ class Gateway:
         """Open ``round_``, or with ``resume=(opened_at, deadline)`` rebuild it as the store
         holds it: the deadline stays absolute, so a gateway restarting more often than the
         round timeout still reaches it."""
+        if resume is None:
+            refused = self.protocol.may_open(round_)
+            if refused is not None:
+                log.warning("task %s ends before round %d: %s", self.task.id, round_, refused)
+                self._end("budget_exhausted", refused)
+                self._publish_final(base_hash, params, round_)
+                return
+        self._revoked = self._read_revoked()
+        self.protocol.sample(round_, sorted(set(self.registry) - self._revoked))
         if resume is not None:
             now, deadline = resume
         else:
@@ -510,7 +531,6 @@ class Gateway:
                 current.reject(rejection["device"], rejection["digest"], rejection["reason"])
             log.info("resumed round %d with %d stored updates", round_, len(current.devices))
         self._open = current
-        self._revoked = self._read_revoked()
         self.outbox.opened(round_, base_hash, deadline)
         self._anchor_now()
         self.stats.current_round = round_
@@ -571,6 +591,9 @@ class Gateway:
                 self._add_stored(current, stored)
 
     def _new_aggregator(self) -> RoundAggregator:
+        own = self.protocol.aggregator(self.spec.shapes(), len(self.registry) - len(self._revoked))
+        if own is not None:
+            return own  # type: ignore[return-value]  # the same add/result interface
         return RoundAggregator(
             self.spec.shapes(),
             rule=self.task.aggregation,
@@ -632,6 +655,7 @@ class Gateway:
         if self._on_round is not None:
             self._on_round(result)
         if current.round + 1 >= self.task.rounds:
+            self._end("completed", None)
             self._publish_final(new_hash, params, current.round + 1)
         else:
             self._open_round(current.round + 1, params, new_hash)
@@ -715,7 +739,7 @@ class Gateway:
             ("RegisterDevice", (d, org, "default", self.registry.fingerprint(d)))
             for d in self.registry
         ]
-        privacy = {"dp": None, "secure_aggregation": False}
+        privacy = ledger_privacy(self.task)
         task_args = (self.task.id, org, self.identity.subject, self.spec.spec_hash())
         rule = self.task.aggregation_label()
         calls.append(("CreateTask", (*task_args, rule, privacy, initial_hash)))
@@ -737,14 +761,48 @@ class Gateway:
         payload = model_payload(params)
         frame = encode_model(
             ModelHeader(
-                task=self.task.id, round=round_, status=status, deadline=round(deadline, 3)
+                task=self.task.id,
+                round=round_,
+                status=status,
+                deadline=round(deadline, 3),
+                sampled=self.protocol.sampled if status == "open" else None,
             ),
             payload,
             self._signer,
         )
         self.transport.publish(model_topic(self.task.id), frame, qos=1, retain=True)
 
+    def _end(self, status: str, reason: str | None) -> None:
+        """The task ends: what the protocol records then (a DP task: its final epsilon and
+        the revealed sampling seed) goes to the ledger after the last closed round."""
+        detail = self.protocol.end_detail()
+        if detail is None:
+            return
+        if reason is not None:
+            detail["reason"] = reason
+        self.outbox.end(status, detail)
+        self._anchor_now()
+
     def _publish_final(self, final_hash: str, params: Params, round_: int) -> None:
         self._final_hash = final_hash
         self.stats.current_round = round_
         self._publish_model(round_, "final", self._clock(), params)
+
+
+def _checked_dp_seed(task: TaskSpec, seed: bytes | None) -> bytes | None:
+    """The sampling seed of a DP task, checked against the digest the task commits to."""
+    dp = task.dp
+    assert dp is not None
+    if dp.sampling >= 1:
+        return seed
+    if seed is None:
+        raise GatewayError(
+            f"task {task.id} samples devices (dp.sampling = {dp.sampling}): the gateway needs"
+            " its sampling seed (dp_seed in the [gateway] section)"
+        )
+    if seed_digest(seed) != dp.seed_sha256:
+        raise GatewayError(
+            f"the sampling seed's SHA-256 {seed_digest(seed)[:16]}... is not the task's"
+            f" dp.seed_sha256 {dp.seed_sha256[:16]}...: another task's seed?"
+        )
+    return seed

@@ -324,6 +324,13 @@ def round_progress():
             unit="reqps",
             w=24,
         ),
+        graph_panel(
+            "Privacy spent",
+            "Epsilon spent so far by a task with differential privacy (-1: the task has none);"
+            " the task ends before a round that would exceed its budget (docs/privacy.md).",
+            (f"{g}dp_epsilon{{{GW}}}", "epsilon {{instance}}"),
+            w=24,
+        ),
     ]
     return _dashboard(
         "fedledger-round-progress",

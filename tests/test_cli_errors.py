@@ -138,6 +138,13 @@ BAD_INPUTS = {
         ["ab" * 32, "--db", "{d}/ledger.sqlite"],
         ["ab" * 32],
     ],
+    ("ledger", "privacy"): [
+        ["t", "--db", "{d}/garbage.sqlite"],
+        ["t", "--db", "{d}/missing.sqlite"],
+        ["t", "--db", "{d}/ledger.sqlite"],
+        ["t"],
+    ],
+    ("bench", "privacy"): [["--dataset", "nonsense"], ["--noise", "0"]],
     ("ledger", "device"): [
         ["device-01", "--db", "{d}/garbage.sqlite"],
         ["device-01", "--db", "{d}/ledger.sqlite"],
@@ -156,6 +163,7 @@ BAD_INPUTS = {
     ("pki", "crl"): [["--dir", "{d}/no-pki"]],
     ("pki", "x25519"): [["gateway", "--dir", "{d}/a-file"]],
     ("pki", "signing-key"): [["d", "--dir", "{d}/a-file"]],
+    ("pki", "dp-seed"): [["--out", "{d}/a-file"], ["--out", "{d}"]],
     ("broker", "config"): [
         ["--out", "{d}/b", "--task", "t", "--registry", "{d}/garbage.json"],
         ["--out", "{d}/b", "--task", "t", "--pki", "{d}/no-pki"],
@@ -190,6 +198,8 @@ BAD_INPUTS = {
         ["--agents", "fibres"],
         ["--workdir", "{d}/a-file"],
         ["--log-level", "loud", "--workdir", "{d}/demo"],
+        ["--privacy", "secret"],
+        ["--privacy", "dp", "--aggregation", "median"],
     ],
     ("bench", "accuracy"): [["--datasets", "nonsense", "--repeats", "1", "--rounds", "1"]],
 }

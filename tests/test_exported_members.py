@@ -29,7 +29,7 @@ def test_surfaces():
         "CODES", "DISCREPANCY_KINDS", "BlockInfo", "ChainError", "ContractError", "Discrepancy",
         "EmbeddedLedger", "FedLedgerContract", "GatewayStore", "Identity", "LedgerBackend",
         "LedgerError", "MVCCConflictError", "MemoryContext", "MemoryWorldState", "StoreCheck",
-        "TxContext", "VerifyReport", "leaf_hash", "merkle_root",
+        "TxContext", "VerifyReport", "leaf_hash", "merkle_root", "privacy_report",
     }  # fmt: skip
     assert {
         "Gateway", "GatewayMetrics", "UpdateValidator", "FedAvgAccumulator", "fedavg", "REJECT_REASONS",
