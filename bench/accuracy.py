@@ -56,6 +56,8 @@ from dataclasses import dataclass, replace
 import numpy as np
 
 from fedcore import (
+    CODECS,
+    DEFAULT_K_FRACTION,
     ModelSpec,
     UpdateHeader,
     accuracy,
@@ -66,10 +68,10 @@ from fedcore import (
     init_params,
     model_hash,
     signer_from_key,
+    topk_with_feedback,
     train,
 )
-from fedcore._codec import CODECS, DEFAULT_K_FRACTION, topk_with_feedback
-from fedledger._datasets import dirichlet_partition
+from fedledger import dirichlet_partition
 
 from ._timing import sig
 

@@ -26,9 +26,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from fedledger._broker import MosquittoBroker
-from fedledger._datasets import load_dataset
-from fedledger._provision import TaskOptions, provision
+from fedcore.mosquitto import MosquittoBroker
+from fedledger import TaskOptions, load_dataset, provision
 from gateway import load_gateway_config, open_gateway
 
 from ._timing import sig

@@ -48,8 +48,13 @@ from __future__ import annotations
 import numpy as np
 
 from fedcore import encode_tensors, iter_tensors
-from gateway import FedAvgAccumulator
-from gateway._robust import UpdateMatrix, coordinate_median, pairwise_sq_distances, trimmed_mean
+from gateway import (
+    FedAvgAccumulator,
+    UpdateMatrix,
+    coordinate_median,
+    pairwise_sq_distances,
+    trimmed_mean,
+)
 
 from ._timing import best_of, sig
 

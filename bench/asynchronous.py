@@ -51,9 +51,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 
 from fedcore import ModelSpec, Params, accuracy, decode_tensors, encode_tensors, init_params, train
-from gateway._buffer import place_update, staleness_weight
-from gateway._errors import Rejected
-from gateway._strategies import aggregate
+from gateway import Rejected, aggregate, place_update, staleness_weight
 
 from ._timing import sig
 from .accuracy import RECIPES, Recipe, _prepare, _seed_for

@@ -62,6 +62,20 @@ built and sealed before any clock starts, so every figure is the receiving side'
     (fresh) validator rate.
 ``message_bytes_secure``
     The mean secure frame size, beside ``message_bytes`` for the plain frames.
+
+With ``ledger_delay=D`` (default 2 s, Fabric's default batch timeout; 0 skips it) the same K
+frames go through a gateway running FedBuff rounds (``buffer`` = K / ``ANCHOR_ROUNDS``, every
+frame based on the first model, so ``ANCHOR_ROUNDS`` rounds close during the run) three
+times, each on a fresh store and ledger: its ledger outbox in a background worker over the
+embedded ledger as it is (``gateway_anchoring_msgs_per_s``), the same with every round
+transaction (``OpenRound``, ``RecordUpdates``, ``CommitRound``) waiting D seconds first, as
+for a block (``gateway_slow_ledger_msgs_per_s``), and that slow ledger written inline by the
+loop itself, as the gateway did before the outbox (``gateway_inline_ledger_msgs_per_s``).
+``slow_ledger_ratio`` = slow / as-is (goal: >= 0.9). ``close_to_publish_s_max`` (and
+``_inline``): the longest wait, over the closed rounds, from the store's commit of a closed
+round to the publication of the next round's model (goal: <= 0.2 s with the slow ledger);
+``unanchored_at_end``: closed rounds the slow ledger did not hold yet when the last update
+was accepted (ingest went on while anchoring was pending).
 """
 
 from __future__ import annotations
@@ -104,7 +118,7 @@ from fedcore import (
     update_subscription,
     update_topic,
 )
-from fedledger._broker import MosquittoBroker, SecureBrokerFiles
+from fedcore.mosquitto import MosquittoBroker, SecureBrokerFiles
 
 from ._timing import sig
 
@@ -117,6 +131,13 @@ TIME_LIMIT_S = 120.0
 CONNECT_TIMEOUT_S = 10.0
 _SEED = 20240601
 _BASELINE_TOPIC = "fedledger-bench/baseline"
+#: FedBuff rounds the ledger-delay run closes (its buffer: messages / ANCHOR_ROUNDS).
+ANCHOR_ROUNDS = 4
+#: Goals of the ledger-delay run: ingest with a slow ledger / without, close-to-publish.
+SLOW_LEDGER_RATIO_GOAL = 0.9
+CLOSE_TO_PUBLISH_GOAL_S = 0.2
+#: Contract functions a round costs; the slow ledger delays these (registration is untimed).
+_ROUND_TXS = frozenset({"OpenRound", "RecordUpdates", "CommitRound", "EndTask"})
 #: Passes of the validator over every frame (``--secure``); the fastest one is reported.
 _VALIDATOR_REPEATS = 3
 
@@ -202,7 +223,7 @@ class _Tls:
 
     @classmethod
     def create(cls, directory: Path) -> _Tls:
-        from fedledger._pki import ca_cert_path, init_ca, issue
+        from fedcore.pki import ca_cert_path, init_ca, issue
 
         init_ca(directory, "bench")
         broker = issue(directory, "broker", "bench-broker", ips=["127.0.0.1"])
@@ -262,23 +283,23 @@ class _SecureSite:
     def create(cls, directory: Path, devices: Sequence[str]) -> _SecureSite:
         import datetime as dt
 
-        from fedledger._pki import (
+        from fedcore.pki import (
             LEAF_DAYS,
-            _build_leaf,
-            _load_ca,
+            build_leaf,
             ca_cert_path,
             crl_path,
             init_ca,
+            load_ca,
             x25519_key,
         )
 
         init_ca(directory, "bench")
-        ca = _load_ca(directory)
+        ca = load_ca(directory)
         now = dt.datetime.now(dt.timezone.utc).replace(microsecond=0)
         keys, certificates = {}, {}
         for device in devices:
             key = ec.generate_private_key(ec.SECP256R1())
-            cert = _build_leaf(ca, key, "device", device, days=LEAF_DAYS, dns=(), ips=(), now=now)
+            cert = build_leaf(ca, key, "device", device, days=LEAF_DAYS, dns=(), ips=(), now=now)
             keys[device], certificates[device] = key, certificate_der(cert)
         sealing = load_x25519_private_key(x25519_key(directory, _GATEWAY).key)
         return cls(ca_cert_path(directory), crl_path(directory), keys, certificates, sealing)
@@ -506,6 +527,169 @@ def _gateway_path(
         gateway.close()
 
 
+class _SlowLedger:
+    """A ledger backend whose round transactions each wait ``delay`` seconds first, as a
+    Fabric submit waits for its block; everything else passes straight through."""
+
+    def __init__(self, inner: Any, delay: float):
+        self._inner = inner
+        self._delay = delay
+
+    def submit(self, fn: str, *args: Any, **kwargs: Any) -> Any:
+        if fn in _ROUND_TXS and self._delay > 0:
+            time.sleep(self._delay)
+        return self._inner.submit(fn, *args, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
+
+
+class _Timed:
+    """The gateway's transport, noting when each open model is published."""
+
+    def __init__(self, inner: MqttTransport):
+        self._inner = inner
+        self.published: list[float] = []
+
+    def publish(self, topic: str, payload: bytes, **kwargs: Any) -> None:
+        self.published.append(time.perf_counter())
+        self._inner.publish(topic, payload, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
+
+
+def _anchoring_path(
+    broker: MosquittoBroker,
+    task: TaskSpec,
+    keys: dict,
+    frames: Sequence[bytes],
+    workdir: Path,
+    *,
+    delay: float,
+    worker: bool,
+) -> dict[str, Any]:
+    """FedBuff rounds through a gateway whose ledger is ``delay`` s slow per round
+    transaction, anchored by the outbox's worker (``worker``) or inline."""
+    from gateway import Gateway, UpdateStore
+    from ledger import EmbeddedLedger, Identity
+
+    closed: list[float] = []
+
+    class Store(UpdateStore):
+        def close_round(self, *args: Any, **kwargs: Any) -> None:
+            super().close_round(*args, **kwargs)
+            closed.append(time.perf_counter())
+
+    workdir.mkdir(parents=True)
+    gateway_key = generate_key()
+    signer = signer_from_key(gateway_key)
+    store = Store(workdir / "store.sqlite")
+    ledger = EmbeddedLedger(
+        workdir / "ledger.sqlite", signer=signer, public_key=public_key_b64(gateway_key)
+    )
+    transport = _Timed(_transport(broker, _GATEWAY))
+    gateway = Gateway(
+        task=task,
+        transport=transport,  # type: ignore[arg-type]  # the same interface
+        store=store,
+        ledger=_SlowLedger(ledger, delay),  # type: ignore[arg-type]
+        registry=_plain_registry(keys),
+        signer=signer,
+        max_message_bytes=_max_message_bytes(frames),
+        admin=Identity(msp_id="org1", subject="admin", role="admin"),
+        ledger_worker=worker,
+    )
+    publisher = _transport(broker, _GATEWAY_PUB)
+    try:
+        gateway.connect(CONNECT_TIMEOUT_S)
+        gateway.start()
+        _connect(publisher)
+
+        def probe() -> None:
+            publisher.publish(presence_topic(task.id, _PROBE_DEVICE), b"online", qos=1)
+            gateway.step(0.2)
+
+        _until(lambda: _PROBE_DEVICE in gateway.stats.online, probe, "no presence probe")
+        published_before = len(transport.published)
+        sender = _Publisher(
+            publisher,
+            [(update_topic(task.id, d), f) for d, f in zip(keys, frames, strict=True)],
+        )
+        end = time.monotonic() + TIME_LIMIT_S
+        sender.start()
+        while gateway.stats.accepted < len(frames) and time.monotonic() < end:
+            gateway.step(0.05)
+        done = time.perf_counter()
+        sender.finish()
+        assert sender.started_at is not None
+        unanchored = len(store.unledgered(task.id))
+        published = transport.published[published_before:]
+        # each closed round's commit -> the first publication after it (the next model)
+        waits = [min((p for p in published if p >= c), default=done) - c for c in closed]
+        return {
+            "seconds": done - sender.started_at,
+            "accepted": gateway.stats.accepted,
+            "rounds": len(closed),
+            "close_to_publish_s_max": max(waits, default=None),
+            "unanchored_at_end": unanchored,
+        }
+    finally:
+        publisher.stop()
+        gateway.close(drain=0)
+
+
+def _anchoring_figures(
+    broker: MosquittoBroker, task: TaskSpec, keys: dict, frames: Sequence[bytes], workdir: Path,
+    delay: float,
+) -> dict[str, Any]:  # fmt: skip
+    buffer = max(1, -(-len(frames) // ANCHOR_ROUNDS))
+    async_task = TaskSpec.model_validate(
+        {
+            **task.model_dump(mode="json", exclude={"asynchronous", "columns", "dp"}),
+            "rounds": ANCHOR_ROUNDS + 1,
+            "quorum": 1,
+            "asynchronous": {
+                "buffer": buffer,
+                "max_staleness": ANCHOR_ROUNDS + 1,
+                "staleness_exponent": 0.0,
+            },
+        }
+    )
+    runs = {
+        name: _anchoring_path(
+            broker, async_task, keys, frames, workdir / name, delay=d, worker=worker
+        )
+        for name, d, worker in (
+            ("as_is", 0.0, True), ("slow", delay, True), ("inline", delay, False),
+        )
+    }  # fmt: skip
+    rate = {name: r["accepted"] / r["seconds"] for name, r in runs.items()}
+    ratio = rate["slow"] / rate["as_is"] if rate["as_is"] > 0 else None
+    wait = runs["slow"]["close_to_publish_s_max"]
+    return {
+        "ledger_delay_s": delay,
+        "anchor_rounds": runs["slow"]["rounds"],
+        "anchor_buffer": buffer,
+        "gateway_anchoring_msgs_per_s": sig(rate["as_is"]),
+        "gateway_slow_ledger_msgs_per_s": sig(rate["slow"]),
+        "gateway_inline_ledger_msgs_per_s": sig(rate["inline"]),
+        "slow_ledger_ratio": None if ratio is None else sig(ratio, 3),
+        "slow_ledger_ratio_goal": SLOW_LEDGER_RATIO_GOAL,
+        "close_to_publish_s_max": None if wait is None else sig(wait, 3),
+        "close_to_publish_s_max_inline": sig(runs["inline"]["close_to_publish_s_max"], 3),
+        "close_to_publish_goal_s": CLOSE_TO_PUBLISH_GOAL_S,
+        "unanchored_at_end": runs["slow"]["unanchored_at_end"],
+        "accepted_slow_ledger": runs["slow"]["accepted"],
+        "anchoring_goal_met": bool(
+            ratio is not None
+            and ratio >= SLOW_LEDGER_RATIO_GOAL
+            and wait is not None
+            and wait <= CLOSE_TO_PUBLISH_GOAL_S
+        ),
+    }
+
+
 def _max_message_bytes(frames: Sequence[bytes]) -> int:
     return max(DEFAULT_MAX_MESSAGE_BYTES, 2 * max(len(f) for f in frames))
 
@@ -591,7 +775,12 @@ def _plain_registry(keys: dict) -> DeviceRegistry:
 
 
 def run(
-    *, messages: int = 2000, size: int = 10_240, tls: bool = False, secure: bool = False
+    *,
+    messages: int = 2000,
+    size: int = 10_240,
+    tls: bool = False,
+    secure: bool = False,
+    ledger_delay: float = 2.0,
 ) -> dict:
     """Send ``messages`` signed updates of about ``size`` bytes; return both rates as a dict.
 
@@ -599,10 +788,13 @@ def run(
     the ``*_tls`` figures and ``tls_cost_mosquitto``/``tls_cost_gateway`` (plain / TLS rate).
     ``secure=True`` also sends the same updates certificate-signed and sealed through a
     gateway that requires it, and times the validator alone on both kinds of frame (see the
-    module docstring for the ``*_secure`` and ``validator_*`` figures).
+    module docstring for the ``*_secure`` and ``validator_*`` figures). ``ledger_delay`` > 0
+    adds the figures of FedBuff rounds anchored on a ledger that slow per round transaction.
     """
     if messages < 1 or size < 1:
         raise ValueError("messages and size must be at least 1")
+    if ledger_delay < 0:
+        raise ValueError("ledger_delay must be >= 0")
     rng = np.random.default_rng(_SEED)
     devices = [f"dev-{i:05d}" for i in range(messages)]
     keys = {device: generate_key() for device in devices}
@@ -619,6 +811,10 @@ def run(
         with MosquittoBroker() as broker:
             mosquitto_s, delivered = _baseline(broker, frames)
             gateway_s, accepted, rejected = _gateway_path(broker, task, keys, frames, d)
+            if ledger_delay > 0:
+                anchoring = _anchoring_figures(
+                    broker, task, keys, frames, d / "anchoring", ledger_delay
+                )
         if tls:
             tls_figures = _tls_figures(task, keys, frames, d)
         if secure:
@@ -651,6 +847,8 @@ def run(
         "accepted": accepted,
         "rejected": dict(sorted(rejected.items())),
     }
+    if ledger_delay > 0:
+        result.update(anchoring)
     if tls:
         tls_mosquitto_s, tls_delivered, tls_gateway_s, tls_accepted, tls_rejected = tls_figures
         tls_mosquitto_rate = tls_delivered / tls_mosquitto_s

@@ -57,7 +57,7 @@ def _simulate(
 ) -> list[float]:  # fmt: skip
     """Accuracy after each round; ``noise=None``: FedAvg of the sampled devices (weight 1
     each, like DP-FedAvg), no clip, no noise."""
-    from gateway._dp import DPAggregator
+    from gateway import DPAggregator
 
     params = init_params(spec)
     devices = [f"device-{i:03d}" for i in range(len(parts))]

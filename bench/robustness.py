@@ -55,8 +55,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from fedcore import ModelSpec, accuracy, init_params, train
-from fedledger._datasets import Dataset, dirichlet_partition, load_dataset
-from gateway._strategies import aggregate
+from fedledger import Dataset, dirichlet_partition, load_dataset
+from gateway import aggregate
 
 from ._timing import sig
 

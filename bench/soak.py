@@ -49,10 +49,8 @@ from pathlib import Path
 from typing import Any
 
 from fedcore import BrokerSection, connect_readonly
-from fedledger._broker import MosquittoBroker
-from fedledger._datasets import load_dataset
-from fedledger._demo import _Agents
-from fedledger._provision import TaskOptions, provision
+from fedcore.mosquitto import MosquittoBroker
+from fedledger import LocalAgents, TaskOptions, load_dataset, provision
 
 from ._timing import sig
 from .agent import _cpu_s, _rss_mb
@@ -215,7 +213,7 @@ def run(
                 stdin=subprocess.DEVNULL,
                 env=env,
             )
-        agents = _Agents(layout, "thread")
+        agents = LocalAgents(layout, "thread")
         counter: _StoreCounter | None = None
         samples: list[_Sample] = []
         try:

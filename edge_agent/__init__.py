@@ -8,7 +8,7 @@ import typing
 from ._agent import AgentError, AgentState, EdgeAgent
 from ._config import AgentConfig, AgentSection, load_agent_config
 from ._inference import BACKENDS, InferenceError, Predictor
-from ._run import open_agent
+from ._run import open_agent, run_agent
 
 if typing.TYPE_CHECKING:
     from ._metrics import AgentMetrics
@@ -44,4 +44,5 @@ __all__ = [
     "Predictor",
     "load_agent_config",
     "open_agent",
+    "run_agent",
 ]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import signal
+import threading
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -31,7 +33,7 @@ from fedcore import (
 )
 
 from ._agent import EdgeAgent
-from ._config import AgentConfig, AgentSection
+from ._config import AgentConfig, AgentSection, load_agent_config
 
 if TYPE_CHECKING:
     from fedcore._data import Columns
@@ -138,3 +140,18 @@ def local_data(
     )
     check_labels(y, spec.n_classes, file=str(section.data), row=lambda i: f"window {i}")
     return x, y
+
+
+def run_agent(config: str, broker: str | None = None) -> None:
+    """The body of ``fedledger agent run`` (logging already set up): ``broker``
+    (``host:port``), else ``$FEDLEDGER_BROKER``, overrides the config's broker address."""
+    cfg = load_agent_config(config)
+    cfg = cfg.model_copy(update={"broker": cfg.broker.overridden(broker)})
+    agent = open_agent(cfg, source=config)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    agent.start()
+    try:
+        agent.run(stop, exit_on_final=cfg.agent.exit_on_final)
+    finally:
+        agent.transport.stop()

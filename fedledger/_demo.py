@@ -18,12 +18,12 @@ from pathlib import Path
 from typing import Any
 
 from fedcore import BrokerSection, accuracy, atomic_write_text, init_params, load_task, train
+from fedcore.mosquitto import MosquittoBroker, SecureBrokerFiles, free_port
+from fedcore.pki import ca_cert_path, crl_path
 from gateway import RoundResult, UpdateStore, load_gateway_config, open_gateway
 from ledger import EmbeddedLedger, Identity, privacy_report
 
-from ._broker import MosquittoBroker, SecureBrokerFiles, free_port
 from ._datasets import load_dataset
-from ._pki import ca_cert_path, crl_path
 from ._provision import Layout, TaskOptions, provision
 
 log = logging.getLogger(__name__)
@@ -57,7 +57,7 @@ def centralized_accuracy(layout: Layout, dataset) -> float:
     return accuracy(spec, params, dataset.x_test, dataset.y_test)
 
 
-class _Agents:
+class LocalAgents:
     """The demo's edge devices: separate processes, or threads for quick runs."""
 
     def __init__(self, layout: Layout, mode: str):
@@ -167,7 +167,7 @@ def run_demo(
         tls = " (mutual TLS, per-device ACL)" if secure else ""
         status(f"Mosquitto listening on {broker.host}:{broker.port}{tls}")
         gateway = open_gateway(load_gateway_config(layout.gateway_config), on_round=on_round)
-        agents = _Agents(layout, options.agents)
+        agents = LocalAgents(layout, options.agents)
         grace = 0.0  # on an error or Ctrl-C, stop the agents at once
         try:
             gateway.connect()

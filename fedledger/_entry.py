@@ -12,9 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
-import signal
 import sys
-import threading
 
 _LOG_LEVELS = ("debug", "info", "warning", "error")
 
@@ -45,23 +43,6 @@ def _parse_agent_run(args: list[str]) -> tuple[str, str, str | None] | None:
     return config, level, broker
 
 
-def run_agent(config: str, broker: str | None = None) -> None:
-    """The body of ``fedledger agent run`` (logging already set up): ``broker``
-    (``host:port``), else ``$FEDLEDGER_BROKER``, overrides the config's broker address."""
-    from edge_agent import load_agent_config, open_agent
-
-    cfg = load_agent_config(config)
-    cfg = cfg.model_copy(update={"broker": cfg.broker.overridden(broker)})
-    agent = open_agent(cfg, source=config)
-    stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    agent.start()
-    try:
-        agent.run(stop, exit_on_final=cfg.agent.exit_on_final)
-    finally:
-        agent.transport.stop()
-
-
 def main() -> None:
     parsed = _parse_agent_run(sys.argv[1:])
     if parsed is None:
@@ -80,6 +61,8 @@ def main() -> None:
         force=True,
     )
     try:
+        from edge_agent import run_agent
+
         run_agent(config, broker)
     except BaseException as exc:  # every error becomes one line
         if isinstance(exc, SystemExit):

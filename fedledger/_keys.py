@@ -9,8 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fedcore import generate_key, load_private_key, public_key_b64, save_private_key
-
-from ._pki import PkiError, ca_cert_path
+from fedcore.pki import PkiError, ca_cert_path
 
 
 @dataclass(frozen=True)

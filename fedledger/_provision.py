@@ -10,10 +10,10 @@ import numpy as np
 import tomli_w
 
 from fedcore import fresh_folder, generate_key, new_dp_seed, public_key_b64, save_private_key
+from fedcore.pki import ca_cert_path, certificate_paths, crl_path, init_ca, issue, x25519_key
 from gateway import DeviceRegistry
 
 from ._datasets import Dataset, dirichlet_partition
-from ._pki import ca_cert_path, certificate_paths, crl_path, init_ca, issue, x25519_key
 
 
 @dataclass(frozen=True)

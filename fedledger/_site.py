@@ -57,8 +57,7 @@ from fedcore import (
     save_private_key,
     validate_config,
 )
-
-from ._pki import ca_cert_path, crl_path, init_ca, issue, x25519_key
+from fedcore.pki import ca_cert_path, crl_path, init_ca, issue, x25519_key
 
 if sys.version_info >= (3, 11):
     import tomllib

@@ -264,7 +264,7 @@ def agent_run(
     publishes and sends one signed update per round.
     """
     # `fedledger agent run` itself usually starts in fedledger._entry, without this module.
-    from ._entry import run_agent
+    from edge_agent import run_agent
 
     _logging(log_level)
     run_agent(str(config), broker)
@@ -884,7 +884,7 @@ def pki_init(
 
     An existing CA is never overwritten; a different --org than the existing CA's is an error.
     """
-    from ._pki import init_ca
+    from fedcore.pki import init_ca
 
     ca = init_ca(directory, org, days=days)
     verb = "created" if ca.created else "exists"
@@ -919,7 +919,7 @@ def pki_issue(
 ) -> None:
     """Issue a certificate (CN=NAME, OU=KIND, O=org) and its key (0600), unless a valid one
     exists. Prints where they are, never the key."""
-    from ._pki import issue
+    from fedcore.pki import issue
 
     done = issue(directory, kind.value, name, days=days, dns=dns or (), ips=ip or (), rotate=rotate)
     _report(
@@ -939,7 +939,7 @@ def pki_x25519(
     """Create the gateway's X25519 key pair (x25519/NAME.key 0600, x25519/NAME.pub) that
     devices seal update payloads to, unless it exists. Prints the public key, never the
     private one."""
-    from ._pki import x25519_key
+    from fedcore.pki import x25519_key
 
     done = x25519_key(directory, name)
     verb = "created" if done.created else "exists"
@@ -963,7 +963,7 @@ def pki_revoke(
     as_json: JsonFlag = False,
 ) -> None:
     """Revoke NAME's certificates and rewrite crl.pem; reload the broker to apply it."""
-    from ._pki import revoke
+    from fedcore.pki import revoke
 
     done = revoke(directory, name, superseded_only=superseded)
     what = f"revoked {len(done.revoked)} certificate(s)" if done.revoked else "already revoked"
@@ -978,7 +978,7 @@ def pki_crl(
 ) -> None:
     """Re-sign the CRL with a fresh validity (run it regularly: an expired CRL locks everyone
     out of the broker)."""
-    from ._pki import refresh_crl
+    from fedcore.pki import refresh_crl
 
     path = refresh_crl(directory, crl_days=days)
     _report({"crl": str(path), "changed": True}, as_json, f"CRL refreshed: {path}")
@@ -1054,10 +1054,9 @@ def broker_config(
     """Write a production Mosquitto config: mutual TLS only, certificate CN as identity, and
     an ACL from the registry (each device publishes only its own update and presence topics
     and reads only its task's model; gateways read updates and publish the model)."""
+    from fedcore.mosquitto import write_broker_config
+    from fedcore.pki import ca_cert_path, certificate_paths, crl_path
     from gateway import DeviceRegistry
-
-    from ._broker_config import write_broker_config
-    from ._pki import ca_cert_path, certificate_paths, crl_path
 
     devices = list(DeviceRegistry.load(registry)) if registry is not None else []
     devices += device or []
@@ -1469,13 +1468,24 @@ def bench_ingest(
             " each kind; report the cost (Ed25519 plain / secure rate).",
         ),
     ] = False,
+    ledger_delay: Annotated[
+        float,
+        typer.Option(
+            min=0.0,
+            max=30.0,
+            help="Also run FedBuff rounds on a ledger this many seconds slow per round"
+            " transaction (a Fabric block wait), anchored in the background and inline:"
+            " ingest rate and close-to-next-model time beside the ledger as it is. 0 skips.",
+        ),
+    ] = 2.0,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON only.")] = False,
 ) -> None:
     """Signed updates per second through Mosquitto and the gateway into SQLite, beside the
     rate at which Mosquitto alone passes the same messages (both measured now)."""
     from bench.ingest import run
 
-    _print_bench(run(messages=messages, size=size, tls=tls, secure=secure), as_json)
+    figures = run(messages=messages, size=size, tls=tls, secure=secure, ledger_delay=ledger_delay)
+    _print_bench(figures, as_json)
 
 
 @bench_app.command("ledger")

@@ -2,7 +2,10 @@
 
 from ._aggregate import FedAvgAccumulator, fedavg
 from ._anchor import LedgerOutbox, OutboxState
+from ._buffer import place_update, staleness_weight
+from ._combine import RoundAggregator
 from ._config import GatewayConfig, GatewaySection, load_gateway_config
+from ._dp import DPAggregator, DPRounds
 from ._errors import REJECT_REASONS, GatewayError, Rejected
 from ._fedbuff import FedBuffRounds
 from ._metrics import GatewayMetrics
@@ -22,7 +25,8 @@ from ._robust import (
 )
 from ._round import OpenRound, RoundResult
 from ._run import open_gateway
-from ._service import Gateway, GatewayStats
+from ._service import Gateway
+from ._stats import GatewayStats
 from ._store import UpdateStore
 from ._strategies import (
     AGGREGATION_RULES,
@@ -45,6 +49,8 @@ __all__ = [
     "AcceptedUpdate",
     "Aggregate",
     "AggregationRule",
+    "DPAggregator",
+    "DPRounds",
     "DeviceRegistry",
     "FedAvgAccumulator",
     "FedBuffRounds",
@@ -58,6 +64,7 @@ __all__ = [
     "OpenRound",
     "OutboxState",
     "Rejected",
+    "RoundAggregator",
     "RoundContext",
     "RoundProtocol",
     "RoundResult",
@@ -79,7 +86,9 @@ __all__ = [
     "multi_krum",
     "open_gateway",
     "pairwise_sq_distances",
+    "place_update",
     "register_protocol",
     "server_step",
+    "staleness_weight",
     "trimmed_mean",
 ]

@@ -98,7 +98,7 @@ class RoundProtocol:
 
     def aggregator(self, shapes: Mapping[str, tuple[int, ...]], live: int) -> object | None:
         """A round aggregator of the protocol's own (``add``/``result`` like
-        :class:`~gateway._aggregate.RoundAggregator`), or ``None`` for the task's rule."""
+        :class:`~gateway._combine.RoundAggregator`), or ``None`` for the task's rule."""
         return None
 
     def end_detail(self) -> dict[str, object] | None:

@@ -9,7 +9,7 @@ from typing import Any
 
 from fedcore import Params, TensorView
 
-from ._aggregate import RoundAggregator
+from ._combine import RoundAggregator
 
 
 @dataclass(frozen=True)

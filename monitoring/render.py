@@ -120,7 +120,9 @@ class PrometheusClient:
             with urllib.request.urlopen(request, timeout=self.timeout) as response:
                 body = self._json(response.read())
         except urllib.error.HTTPError as exc:
-            body = self._json(exc.read(), f"HTTP {exc.code} {exc.reason}")
+            with exc:  # the error holds the response (and its socket) open
+                raw = exc.read()
+            body = self._json(raw, f"HTTP {exc.code} {exc.reason}")
             raise QueryError(expr, str(body.get("error", f"HTTP {exc.code}"))) from None
         except (urllib.error.URLError, OSError) as exc:
             reason = getattr(exc, "reason", exc)

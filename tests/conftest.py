@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from fedcore import TaskSpec, generate_key, public_key_b64, signer_from_key
-from fedledger._broker import MosquittoBroker, find_mosquitto
+from fedcore.mosquitto import MosquittoBroker, find_mosquitto
 from fedledger._datasets import load_dataset
 
 

@@ -165,7 +165,7 @@ def test_package_and_serve_chaincode(tmp_path):
     import tarfile
     import time
 
-    from fedledger._broker import free_port
+    from fedcore.mosquitto import free_port
 
     done = run(
         "ledger", "package-chaincode", "--out", str(tmp_path), "--address", "cc.org1:9999", "--json"

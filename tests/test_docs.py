@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from fedledger._broker import MosquittoBroker
+from fedcore.mosquitto import MosquittoBroker
 
 ROOT = Path(__file__).parents[1]
 MARK = "<!-- runnable -->"

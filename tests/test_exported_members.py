@@ -23,7 +23,7 @@ def test_all_is_sorted_and_complete(module):
 def test_surfaces():
     assert set(edge_agent.__all__) == {
         "BACKENDS", "AgentConfig", "AgentError", "AgentMetrics", "AgentSection", "AgentState",
-        "EdgeAgent", "InferenceError", "Predictor", "load_agent_config", "open_agent",
+        "EdgeAgent", "InferenceError", "Predictor", "load_agent_config", "open_agent", "run_agent",
     }  # fmt: skip
     assert set(ledger.__all__) == {
         "CODES", "DISCREPANCY_KINDS", "BlockInfo", "ChainError", "ContractError", "Discrepancy",
@@ -52,3 +52,29 @@ def test_edge_agent_imports_no_server_code():
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert done.stdout.strip() == ""
+
+
+def test_fedledger_exports_what_sites_are_built_from_lazily():
+    import fedledger
+
+    assert set(fedledger.__all__) == set(fedledger._LAZY) | {"__version__"}
+    code = (
+        "import sys, fedledger;"
+        "assert 'fedledger._datasets' not in sys.modules;"
+        "fedledger.load_dataset;"
+        "assert 'fedledger._datasets' in sys.modules;"
+        "assert fedledger.provision.__module__ == 'fedledger._provision'"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+@pytest.mark.parametrize("module", ["fedcore.pki", "fedcore.mosquitto"])
+def test_the_ca_and_the_broker_are_public_parts(module):
+    import importlib
+
+    mod = importlib.import_module(module)
+    for name in mod.__all__:
+        assert getattr(mod, name) is not None, name
+    assert mod.__all__ == sorted(
+        mod.__all__, key=lambda n: (not n.isupper(), not n[0].isupper(), n)
+    )

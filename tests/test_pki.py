@@ -14,7 +14,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from fedledger._pki import (
+from fedcore.pki import (
     PkiError,
     ca_cert_path,
     crl_path,
@@ -335,7 +335,7 @@ def test_x25519_key_is_owner_only_idempotent_and_printed_public_only(pki, loose_
     from typer.testing import CliRunner
 
     from fedcore import load_x25519_private_key, x25519_public_b64
-    from fedledger._pki import x25519_key
+    from fedcore.pki import x25519_key
     from fedledger.cli import app
 
     first = x25519_key(pki, "gateway")

@@ -227,7 +227,7 @@ def test_agent_reaches_the_broker_given_on_the_command_line_or_environment(
 ):
     import os
 
-    from fedledger._broker import free_port
+    from fedcore.mosquitto import free_port
 
     site, _ = init(tmp_path, csvs, "--broker", f"127.0.0.1:{free_port()}")
     assert (
@@ -262,7 +262,7 @@ def test_gateway_run_takes_the_broker_option_over_the_environment(tmp_path, csvs
     import os
 
     from fedcore import model_topic
-    from fedledger._broker import free_port
+    from fedcore.mosquitto import free_port
 
     site, _ = init(tmp_path, csvs, "--broker", f"127.0.0.1:{free_port()}", "--task-id", "gw-opt")
     assert run("device", "add", str(site), "ward-1").returncode == 0

@@ -43,7 +43,7 @@ def test_aggregate_small():
 
 @pytest.mark.mqtt
 def test_ingest_small():
-    result = ingest.run(messages=50, size=2048)
+    result = ingest.run(messages=50, size=2048, ledger_delay=0)
     assert result["bench"] == "ingest"
     assert result["messages"] == 50
     assert abs(result["message_bytes"] - 2048) <= 16
@@ -60,6 +60,31 @@ def test_ingest_small():
     assert result["delivered"] == 50
     assert result["accepted"] == 50
     assert result["rejected"] == {}
+    assert "slow_ledger_ratio" not in result
+
+
+@pytest.mark.mqtt
+def test_ingest_goes_on_while_a_slow_ledger_anchors():
+    delay = 0.3
+    result = ingest.run(messages=120, size=1024, ledger_delay=delay)
+    assert result["ledger_delay_s"] == delay
+    assert result["anchor_rounds"] == ingest.ANCHOR_ROUNDS and result["anchor_buffer"] == 30
+    assert result["accepted_slow_ledger"] == 120
+    # with the worker, rounds closed faster than the ledger took them: ingest did not wait
+    assert result["unanchored_at_end"] >= 1
+    # inline, a round's three transactions sleep before the next model goes out
+    assert result["close_to_publish_s_max_inline"] >= 3 * delay
+    _positive_finite(
+        result,
+        [
+            "gateway_anchoring_msgs_per_s",
+            "gateway_slow_ledger_msgs_per_s",
+            "gateway_inline_ledger_msgs_per_s",
+            "slow_ledger_ratio",
+            "close_to_publish_s_max",
+        ],
+    )
+    assert isinstance(result["anchoring_goal_met"], bool)
 
 
 def test_ledger_bench_small():

@@ -15,7 +15,7 @@ MESSAGES = 20
 
 
 def test_ingest_secure_small():
-    result = ingest.run(messages=MESSAGES, size=2048, secure=True)
+    result = ingest.run(messages=MESSAGES, size=2048, secure=True, ledger_delay=0)
     assert result["bench"] == "ingest"
     assert result["messages"] == MESSAGES
     assert result["secure"] is True

@@ -12,7 +12,7 @@ pytestmark = pytest.mark.mqtt
 
 
 def test_ingest_tls_small():
-    result = ingest.run(messages=50, size=2048, tls=True)
+    result = ingest.run(messages=50, size=2048, tls=True, ledger_delay=0)
     assert result["bench"] == "ingest"
     assert result["messages"] == 50
     assert result["tls"] is True
@@ -39,7 +39,7 @@ def test_ingest_tls_small():
 
 
 def test_ingest_default_keys_unchanged():
-    result = ingest.run(messages=10, size=1024)
+    result = ingest.run(messages=10, size=1024, ledger_delay=0)
     assert list(result) == [
         "bench",
         "messages",

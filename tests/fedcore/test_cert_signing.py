@@ -32,7 +32,7 @@ from fedcore import (
     x25519_public_b64,
 )
 from fedcore._canonical import canonical_json
-from fedledger._pki import init_ca, issue
+from fedcore.pki import init_ca, issue
 
 BASE = "ab" * 32
 PAYLOAD = bytes(range(200))

@@ -182,10 +182,10 @@ def test_a_stale_update_weighs_less(fleet, task):
     pump(gateway, agents[:4])
     assert gateway.finished
     # The same updates, replayed by hand: model 2 = model 1 + w * mean delta.
-    models = [gateway._load_model(r.base_hash) for r in gateway.store.rounds(spec.id)]
-    final = gateway._load_model(gateway.final_model)
+    models = [gateway.load_model(r.base_hash) for r in gateway.store.rounds(spec.id)]
+    final = gateway.load_model(gateway.final_model)
     stored = gateway.store.updates(spec.id, 1)
-    deltas = [gateway._stored_update(u.frame) for u in stored]
+    deltas = [gateway.stored_update(u.frame) for u in stored]
     samples = [u.samples for u in stored]
     w = 1 / math.sqrt(2)
     for name in final:
@@ -228,13 +228,13 @@ def test_restart_resumes_the_buffers(tmp_path, task, registry, gateway_key, data
     second = make_gateway(tmp_path, spec, registry, gateway_key, dataset, broker, Clock())
     second.connect()
     second.start()
-    assert second._open.devices == {"dev-2"}
+    assert second.open_round.devices == {"dev-2"}
     second.transport.publish(update_topic(spec.id, "dev-2"), held[0].frame)
     second.step(0)
     # The same frame again (as the broker re-delivers it after a crash): dropped, neither
     # counted twice nor recorded as a rejection.
     assert second.stats.rejected == {} and second.stats.redelivered == 1
-    assert second._open.devices == {"dev-2"}
+    assert second.open_round.devices == {"dev-2"}
     for _ in range(3):
         pump(second, agents[:3])
     assert second.finished

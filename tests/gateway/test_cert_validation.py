@@ -33,7 +33,7 @@ from fedcore import (
     public_key_b64,
     update_topic,
 )
-from fedledger._pki import crl_path, init_ca, issue, revoke
+from fedcore.pki import crl_path, init_ca, issue, revoke
 from gateway import DeviceRegistry, Gateway, Rejected, RoundContext, UpdateStore, UpdateValidator
 from ledger import EmbeddedLedger, Identity
 

@@ -8,7 +8,7 @@ import pytest
 
 from fedcore import CODECS, ModelSpec, decode_tensors, encode_tensors, iter_tensors
 from gateway import AGGREGATION_RULES, fedavg
-from gateway._aggregate import RoundAggregator
+from gateway._combine import RoundAggregator
 
 SPEC = ModelSpec(kind="cnn1d", n_features=64 * 3, n_classes=4, window=64, channels=3)
 SHAPES = SPEC.shapes()

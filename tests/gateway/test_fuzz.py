@@ -635,7 +635,7 @@ def test_fuzz_certificate_signed_sealed_frames(tmp_path):
         load_certificate,
         load_ec_private_key,
     )
-    from fedledger._pki import crl_path, init_ca, issue
+    from fedcore.pki import crl_path, init_ca, issue
 
     init_ca(tmp_path, "fuzz org")
     done = issue(tmp_path, "device", "dev-0")

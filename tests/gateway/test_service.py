@@ -87,7 +87,7 @@ def test_restart_resumes_the_open_round_without_double_counting(
     second.transport.publish(update_topic(task.id, stored[0].device), stored[0].frame)
     second.step(0)
     assert second.stats.redelivered == 1 and not second.stats.rejected
-    assert second._open.devices == {u.device for u in stored}
+    assert second.open_round.devices == {u.device for u in stored}
     pump(second, agents[3:])
     assert second.results[0].participants == 5
     assert second.results[0].samples == sum(len(a.y) for a in agents)
@@ -127,7 +127,7 @@ def test_two_updates_from_one_device_in_one_batch_count_once(world, task, device
 
     _broker, _clock, gateway, _agents = world
     gateway.start()
-    base = gateway._open.base_hash
+    base = gateway.open_round.base_hash
     shapes = task.model_spec().shapes()
     payload = encode_tensors({k: np.zeros(s, np.float32) for k, s in shapes.items()}, "int8")
     for counter in (1, 2):

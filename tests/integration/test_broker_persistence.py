@@ -22,8 +22,7 @@ from pathlib import Path
 import paho.mqtt.client as mqtt
 import pytest
 
-from fedledger._broker import MosquittoBroker
-from fedledger._broker_config import persistence_directives
+from fedcore.mosquitto import MosquittoBroker, persistence_directives
 
 pytestmark = pytest.mark.mqtt
 

@@ -27,9 +27,14 @@ from fedcore import (
     update_subscription,
     update_topic,
 )
-from fedledger._broker import MosquittoBroker, SecureBrokerFiles, find_mosquitto
-from fedledger._broker_config import render_acl, write_broker_config
-from fedledger._pki import ca_cert_path, crl_path, init_ca, issue, revoke
+from fedcore.mosquitto import (
+    MosquittoBroker,
+    SecureBrokerFiles,
+    find_mosquitto,
+    render_acl,
+    write_broker_config,
+)
+from fedcore.pki import ca_cert_path, crl_path, init_ca, issue, revoke
 
 ORG = "Acme Health"
 DEVICES = ["dev-a", "dev-b", "dev-revoked", "dev-late"]

@@ -15,8 +15,8 @@ import time
 import pytest
 
 from fedcore import load_task
-from fedledger._broker import MosquittoBroker, SecureBrokerFiles, free_port
-from fedledger._pki import ca_cert_path, crl_path
+from fedcore.mosquitto import MosquittoBroker, SecureBrokerFiles, free_port
+from fedcore.pki import ca_cert_path, crl_path
 from fedledger._provision import TaskOptions, provision
 from ledger import EmbeddedLedger, Identity
 

@@ -20,7 +20,7 @@ import pytest
 import tomli_w
 
 from edge_agent import load_agent_config, open_agent
-from fedledger._broker import free_port
+from fedcore.mosquitto import free_port
 from fedledger._provision import TaskOptions, provision
 from gateway import REJECT_REASONS, load_gateway_config, open_gateway
 

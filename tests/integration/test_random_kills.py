@@ -29,7 +29,7 @@ from pathlib import Path
 import pytest
 
 from fedcore import load_task
-from fedledger._broker import MosquittoBroker
+from fedcore.mosquitto import MosquittoBroker
 from fedledger._provision import TaskOptions, provision
 from ledger import EmbeddedLedger, Identity
 

@@ -14,7 +14,7 @@ import time
 import pytest
 
 from edge_agent import load_agent_config, open_agent
-from fedledger._broker import MosquittoBroker
+from fedcore.mosquitto import MosquittoBroker
 from fedledger._provision import TaskOptions, provision
 from gateway import load_gateway_config, open_gateway
 

@@ -17,7 +17,7 @@ import pytest
 pytest.importorskip("matplotlib")
 from PIL import Image
 
-from fedledger._broker import free_port
+from fedcore.mosquitto import free_port
 from monitoring import render
 from monitoring._templating import (
     TemplateError,

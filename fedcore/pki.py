@@ -50,6 +50,34 @@ from fedcore import (
     write_marker,
 )
 
+__all__ = [
+    "CA_DAYS",
+    "CLOCK_SKEW",
+    "CRL_DAYS",
+    "LEAF_DAYS",
+    "REASONS",
+    "CaInfo",
+    "CertificateAuthority",
+    "Issued",
+    "Kind",
+    "PkiError",
+    "Revoked",
+    "SealingKey",
+    "build_leaf",
+    "ca_cert_path",
+    "certificate_paths",
+    "crl_path",
+    "init_ca",
+    "issue",
+    "load_ca",
+    "load_crl",
+    "refresh_crl",
+    "revoke",
+    "verify_chain",
+    "write_private_key",
+    "x25519_key",
+]
+
 Kind = Literal["device", "gateway", "broker"]
 KINDS: tuple[Kind, ...] = ("device", "gateway", "broker")
 
@@ -375,14 +403,14 @@ def _attribute(name: x509.Name, oid: x509.ObjectIdentifier) -> str | None:
 
 
 @dataclass(frozen=True)
-class _Ca:
+class CertificateAuthority:
     directory: Path
     cert: x509.Certificate
     key: ec.EllipticCurvePrivateKey
     org: str
 
 
-def _load_ca(directory: Path) -> _Ca:
+def load_ca(directory: Path) -> CertificateAuthority:
     cert_path, key_path = ca_cert_path(directory), directory / "ca.key"
     if not cert_path.exists() and not key_path.exists():
         raise PkiError(
@@ -403,10 +431,10 @@ def _load_ca(directory: Path) -> _Ca:
         raise PkiError(
             "CA certificate has no organisation (O)", reason="unreadable", file=str(cert_path)
         )
-    return _Ca(directory, cert, key, org)
+    return CertificateAuthority(directory, cert, key, org)
 
 
-def _ca_info(ca: _Ca, *, created: bool) -> CaInfo:
+def _ca_info(ca: CertificateAuthority, *, created: bool) -> CaInfo:
     return CaInfo(
         directory=ca.directory,
         org=ca.org,
@@ -448,7 +476,7 @@ def init_ca(
         if not existing and read_marker(directory) is None:
             write_marker(directory, kind="pki", created_by="fedledger pki init")
         if ca_cert_path(directory).exists() or (directory / "ca.key").exists():
-            ca = _load_ca(directory)
+            ca = load_ca(directory)
             if ca.org != org:
                 raise PkiError(
                     f"the existing CA belongs to organisation {ca.org!r}, not {org!r};"
@@ -487,7 +515,7 @@ def init_ca(
         _write_atomic(
             ca_cert_path(directory), cert.public_bytes(serialization.Encoding.PEM), mode=0o644
         )
-        ca = _Ca(directory, cert, key, org)
+        ca = CertificateAuthority(directory, cert, key, org)
         _write_crl(ca, _load_index(directory), crl_days=crl_days, now=when)
         return _ca_info(ca, created=True)
 
@@ -526,7 +554,7 @@ def _sans(cert: x509.Certificate) -> tuple[tuple[str, ...], tuple[str, ...]]:
 
 
 def _current_state(
-    ca: _Ca,
+    ca: CertificateAuthority,
     index: dict[str, Any],
     cert_path: Path,
     key_path: Path,
@@ -591,7 +619,7 @@ def issue(
     when = _now(now)
     cert_path, key_path = certificate_paths(directory, kind, name)
     with _locked(directory):
-        ca = _load_ca(directory)
+        ca = load_ca(directory)
         if when >= ca.cert.not_valid_after_utc:
             raise PkiError(
                 f"the CA expired on {ca.cert.not_valid_after_utc.isoformat()}: it issues nothing",
@@ -621,7 +649,7 @@ def issue(
                 file=str(cert_path),
             )
         key = ec.generate_private_key(ec.SECP256R1())
-        cert = _build_leaf(ca, key, kind, name, days=days, dns=dns_names, ips=ip_names, now=when)
+        cert = build_leaf(ca, key, kind, name, days=days, dns=dns_names, ips=ip_names, now=when)
         # Index first: a crash later leaves a serial on record that may never have been used
         # (harmless, and revocable), never a certificate in use that the index does not know.
         index["certificates"].append(
@@ -643,8 +671,8 @@ def issue(
         return _issued(ca, cert, name, kind, cert_path, key_path, action)
 
 
-def _build_leaf(
-    ca: _Ca,
+def build_leaf(
+    ca: CertificateAuthority,
     key: ec.EllipticCurvePrivateKey,
     kind: str,
     name: str,
@@ -688,7 +716,7 @@ def _build_leaf(
 
 
 def _issued(
-    ca: _Ca,
+    ca: CertificateAuthority,
     cert: x509.Certificate,
     name: str,
     kind: Kind,
@@ -801,7 +829,7 @@ def revoke(
     directory = Path(directory)
     when = _now(now)
     with _locked(directory):
-        ca = _load_ca(directory)
+        ca = load_ca(directory)
         index = _load_index(directory)
         entries = _entries(index, name)
         if not entries:
@@ -844,7 +872,7 @@ def refresh_crl(
     _check_days(crl_days, "crl_days")
     directory = Path(directory)
     with _locked(directory):
-        ca = _load_ca(directory)
+        ca = load_ca(directory)
         _write_crl(ca, _load_index(directory), crl_days=crl_days, now=_now(now))
     return crl_path(directory)
 
@@ -856,7 +884,9 @@ _CRL_REASONS = {
 }
 
 
-def _write_crl(ca: _Ca, index: dict[str, Any], *, crl_days: int, now: dt.datetime) -> None:
+def _write_crl(
+    ca: CertificateAuthority, index: dict[str, Any], *, crl_days: int, now: dt.datetime
+) -> None:
     number = int(index.get("crl_number", 0)) + 1
     index["crl_number"] = number
     ca_ski = ca.cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value

@@ -1,9 +1,11 @@
-"""A private Mosquitto broker on a free loopback port, for the demo, tests and benchmarks.
+"""Mosquitto, the broker fedledger runs on: its production configuration (mutual TLS,
+certificate identities, a generated ACL; :func:`write_broker_config`), and a private broker
+on a free loopback port for the demo, tests and benchmarks (:class:`MosquittoBroker`).
 
 The configuration lives in a temporary directory and the process is stopped when the
 context exits, whatever the reason (an exception, Ctrl-C). By default the broker is open
 (plain TCP, anonymous); with ``secure=`` it runs the production configuration of
-:mod:`fedledger._broker_config` (mutual TLS only, certificate identities, generated ACL).
+:mod:`fedcore.mosquitto` (mutual TLS only, certificate identities, generated ACL).
 """
 
 from __future__ import annotations
@@ -23,7 +25,27 @@ from pathlib import Path
 
 from fedcore import FedledgerError, read_marker, write_marker
 
-from ._broker_config import persistence_directives
+from ._mosquitto_config import (
+    BrokerConfigFiles,
+    persistence_directives,
+    render_acl,
+    render_config,
+    write_broker_config,
+)
+
+__all__ = [
+    "INSTALL_HINT",
+    "BrokerConfigFiles",
+    "BrokerError",
+    "MosquittoBroker",
+    "SecureBrokerFiles",
+    "find_mosquitto",
+    "free_port",
+    "persistence_directives",
+    "render_acl",
+    "render_config",
+    "write_broker_config",
+]
 
 INSTALL_HINT = (
     "Mosquitto is not installed. Install it with your package manager, e.g. "
@@ -144,8 +166,6 @@ class MosquittoBroker:
         return conf
 
     def _write_secure_config(self, root: Path) -> Path:
-        from ._broker_config import write_broker_config
-
         secure = self.secure
         assert secure is not None
         tls = root / "tls"
