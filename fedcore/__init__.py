@@ -77,6 +77,7 @@ from ._files import (
     write_marker,
 )
 from ._limits import MAX_BATCH_RECORDS, MAX_BATCHES, MAX_METRICS, MAX_ROUND, MAX_SAMPLES
+from ._lock import AlreadyLocked, ProcessLock
 from ._model import (
     MODEL_KINDS,
     ModelSpec,
@@ -206,6 +207,7 @@ __all__ = [
     "TYPE_MODEL",
     "TYPE_UPDATE",
     "WIRE_VERSION",
+    "AlreadyLocked",
     "BrokerSection",
     "CertificateError",
     "CertificateTrust",
@@ -230,6 +232,7 @@ __all__ = [
     "MqttTransport",
     "NotADatabaseError",
     "Params",
+    "ProcessLock",
     "SignalWindower",
     "SignatureError",
     "Signer",

@@ -55,6 +55,10 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+#: Closed rounds whose results a process keeps (``Gateway.results``): a service runs for
+#: months, and the store holds every round anyway.
+RESULTS_KEPT = 1024
+
 
 def read_stored_update(
     frame: bytes, key: X25519PrivateKey | None
@@ -97,6 +101,7 @@ class RoundRunner:
         self.read_update = read_update
         self.evaluation = evaluation
         self.metrics = metrics
+        #: The rounds this process closed, in order (at least the last RESULTS_KEPT).
         self.results: list[RoundResult] = []
         #: The open round (``None`` between rounds and once the task is done).
         self.current: OpenRound | None = None
@@ -291,6 +296,8 @@ class RoundRunner:
             ledgered=ledgered,
         )
         self.results.append(result)
+        if len(self.results) > 2 * RESULTS_KEPT:  # trimmed in halves: O(1) per round
+            del self.results[:-RESULTS_KEPT]
         self.note_anchored()
         n = len(current.contributors)
         log.info("round %d closed: %d updates, accuracy %s", current.round, n, acc)
@@ -321,18 +328,27 @@ class RoundRunner:
         return self.outbox.pump()
 
     def note_anchored(self) -> None:
-        """Mark the results of rounds the outbox anchored since the last look."""
+        """Mark the results of rounds the outbox anchored since the last look (the cost is
+        the number of those rounds, not the number of results kept)."""
         done: set[int] = set()
         while True:
             try:
                 done.add(self._anchored.get_nowait())
             except queue.Empty:
                 break
-        if done:
-            self.results = [
-                replace(r, ledgered=True) if r.round in done and not r.ledgered else r
-                for r in self.results
-            ]
+        if not done or not self.results:
+            return
+        first = self.results[0].round
+        for round_ in done:
+            i = round_ - first
+            # results are consecutive rounds of this process (a resumed task starts later)
+            if 0 <= i < len(self.results) and self.results[i].round == round_:
+                if not self.results[i].ledgered:
+                    self.results[i] = replace(self.results[i], ledgered=True)
+            else:
+                for j, r in enumerate(self.results):
+                    if r.round == round_ and not r.ledgered:
+                        self.results[j] = replace(r, ledgered=True)
 
     def _end(self, status: str, reason: str | None) -> None:
         """The task ends: what the protocol records then (a DP task: its final epsilon and

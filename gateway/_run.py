@@ -60,34 +60,39 @@ def open_gateway(
             config.broker.mqtt_settings(client_id=f"gateway-{g.id}", manual_ack=True)
         )
     metrics = None if g.metrics_port is None else GatewayMetrics(registry=CollectorRegistry())
-    store = UpdateStore(g.store)
-    admin: Identity | None = None
-    if g.fabric_profile is not None:
-        ledger = _fabric_ledger(g.fabric_profile)
-    else:
-        ledger = EmbeddedLedger(g.ledger, signer=signer, public_key=public_key_b64(key))
-        # The embedded ledger is the site's own: its operator is the admin who admits devices.
-        admin = Identity(msp_id=g.org, subject="admin", role="admin")
-    gateway = Gateway(
-        task=task,
-        transport=transport,
-        store=store,
-        ledger=ledger,
-        registry=registry,
-        signer=signer,
-        evaluation=evaluation,
-        max_message_bytes=g.max_message_bytes,
-        on_round=on_round,
-        metrics=metrics,
-        identity=Identity(msp_id=g.org, subject=g.id, role="gateway"),
-        admin=admin,
-        trust=trust,
-        decryption_key=sealing,
-        require_encryption=g.require_encryption,
-        dp_seed=dp_seed,
-        # Anchoring waits for blocks (seconds on Fabric): never on the loop reading MQTT.
-        ledger_worker=True,
-    )
+    # One gateway per store: a second `gateway run` on it is refused with the first's PID.
+    store = UpdateStore(g.store, exclusive=True)
+    try:
+        admin: Identity | None = None
+        if g.fabric_profile is not None:
+            ledger = _fabric_ledger(g.fabric_profile)
+        else:
+            ledger = EmbeddedLedger(g.ledger, signer=signer, public_key=public_key_b64(key))
+            # The embedded ledger is the site's own: its operator is the admin who admits devices.
+            admin = Identity(msp_id=g.org, subject="admin", role="admin")
+        gateway = Gateway(
+            task=task,
+            transport=transport,
+            store=store,
+            ledger=ledger,
+            registry=registry,
+            signer=signer,
+            evaluation=evaluation,
+            max_message_bytes=g.max_message_bytes,
+            on_round=on_round,
+            metrics=metrics,
+            identity=Identity(msp_id=g.org, subject=g.id, role="gateway"),
+            admin=admin,
+            trust=trust,
+            decryption_key=sealing,
+            require_encryption=g.require_encryption,
+            dp_seed=dp_seed,
+            # Anchoring waits for blocks (seconds on Fabric): never on the loop reading MQTT.
+            ledger_worker=True,
+        )
+    except BaseException:
+        store.close()
+        raise
     if metrics is not None and g.metrics_port is not None:
         try:
             metrics.serve(g.metrics_port, host=g.metrics_host)  # Gateway.close() stops it

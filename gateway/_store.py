@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from fedcore import connect_readonly, table_names
+from fedcore import AlreadyLocked, ProcessLock, connect_readonly, table_names
 
 from ._errors import GatewayError
 
@@ -154,10 +154,27 @@ class StoredUpdate:
 
 
 class UpdateStore:
-    def __init__(self, path: str | os.PathLike[str], *, synchronous: str = "FULL"):
+    #: The process lock of an ``exclusive`` store (read-only opens hold none).
+    _owner: ProcessLock | None = None
+
+    def __init__(
+        self, path: str | os.PathLike[str], *, synchronous: str = "FULL", exclusive: bool = False
+    ):
+        """``exclusive``: this process is the store's one gateway (``fedledger gateway run``);
+        a second one is refused, naming the holder's PID (lock file ``<store>.lock``)."""
         self.path = Path(path)
         self._lock = threading.Lock()
         _refuse_foreign(self.path)
+        if exclusive:
+            lock = self.path.with_name(self.path.name + ".lock")
+            try:
+                self._owner = ProcessLock(lock)
+            except AlreadyLocked as exc:
+                raise GatewayError(
+                    f"a gateway is already running on {self.path} (PID {exc.pid}; lock {lock})"
+                ) from None
+            except OSError as exc:
+                raise GatewayError(f"cannot lock update store {self.path}: {exc}") from None
         try:
             self._db = sqlite3.connect(
                 str(self.path), isolation_level=None, check_same_thread=False
@@ -166,6 +183,8 @@ class UpdateStore:
             self._db.execute(f"PRAGMA synchronous={synchronous}")
             self._db.executescript(_SCHEMA)
         except sqlite3.Error as exc:
+            if self._owner is not None:
+                self._owner.release()
             raise GatewayError(f"cannot open update store {self.path}: {exc}") from None
 
     @classmethod
@@ -446,3 +465,6 @@ class UpdateStore:
 
     def close(self) -> None:
         self._db.close()
+        if self._owner is not None:
+            self._owner.release()
+            self._owner = None

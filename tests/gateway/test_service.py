@@ -221,3 +221,25 @@ def test_adaptive_server_optimizer_keeps_its_state_across_a_restart(
     record = second.ledger.evaluate("GetRound", adam.id, 2, identity=admin)
     assert record["aggregation"] == "fedavg_fedadam"
     assert second.ledger.verify(replay=True, store=second.store).ok
+
+
+def test_a_long_running_gateway_keeps_a_bounded_tail_of_results(
+    tmp_path, task, registry, gateway_key, dataset, device_keys, monkeypatch
+):
+    import gateway._rounds as rounds_module
+
+    monkeypatch.setattr(rounds_module, "RESULTS_KEPT", 2)
+    long_task = task.model_copy(update={"rounds": 12})
+    broker, clock = InMemoryBroker(), Clock()
+    gateway = make_gateway(tmp_path, long_task, registry, gateway_key, dataset, broker, clock)
+    agents = make_agents(long_task, device_keys, gateway_key, dataset, broker)
+    gateway.connect()
+    gateway.start()
+    for _ in range(40):
+        pump(gateway, agents)
+    assert gateway.finished
+    kept = [r.round for r in gateway.results]
+    assert 2 <= len(kept) <= 4 and kept == list(range(12 - len(kept), 12))
+    assert all(r.ledgered for r in gateway.results)
+    # the store still holds every round
+    assert len(gateway.store.rounds(long_task.id)) == 12
