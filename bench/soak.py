@@ -39,6 +39,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
 import tempfile
@@ -229,8 +230,11 @@ def run(
                     raise RuntimeError("no round closed within a minute of the start")
                 if counter is None and layout.store.with_name("gateway.sqlite-shm").exists():
                     counter = _StoreCounter(layout.store)
-                if counter is not None and counter()[0] > 0:
-                    break
+                try:
+                    if counter is not None and counter()[0] > 0:
+                        break
+                except sqlite3.OperationalError:  # WAL on, schema not created yet
+                    pass
                 time.sleep(0.05)
             assert counter is not None
             started = time.monotonic()
