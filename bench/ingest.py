@@ -509,17 +509,8 @@ def _gateway_path(
             "the gateway's subscriptions were not confirmed",
         )
 
-        sender = _Publisher(
-            publisher, [(update_topic(task.id, d), f) for d, f in zip(devices, frames, strict=True)]
-        )
-        end = time.monotonic() + TIME_LIMIT_S
-        sender.start()
-        while gateway.stats.accepted < len(frames) and time.monotonic() < end:
-            gateway.step(0.05)
-        done = time.perf_counter()
-        sender.finish()
-        assert sender.started_at is not None
-        return done - sender.started_at, gateway.stats.accepted, dict(gateway.stats.rejected)
+        started, done = _send_all(gateway, publisher, task, devices, frames)
+        return done - started, gateway.stats.accepted, dict(gateway.stats.rejected)
     finally:
         if prober is not publisher:
             prober.stop()
@@ -612,23 +603,13 @@ def _anchoring_path(
 
         _until(lambda: _PROBE_DEVICE in gateway.stats.online, probe, "no presence probe")
         published_before = len(transport.published)
-        sender = _Publisher(
-            publisher,
-            [(update_topic(task.id, d), f) for d, f in zip(keys, frames, strict=True)],
-        )
-        end = time.monotonic() + TIME_LIMIT_S
-        sender.start()
-        while gateway.stats.accepted < len(frames) and time.monotonic() < end:
-            gateway.step(0.05)
-        done = time.perf_counter()
-        sender.finish()
-        assert sender.started_at is not None
+        started, done = _send_all(gateway, publisher, task, list(keys), frames)
         unanchored = len(store.unledgered(task.id))
         published = transport.published[published_before:]
         # each closed round's commit -> the first publication after it (the next model)
         waits = [min((p for p in published if p >= c), default=done) - c for c in closed]
         return {
-            "seconds": done - sender.started_at,
+            "seconds": done - started,
             "accepted": gateway.stats.accepted,
             "rounds": len(closed),
             "close_to_publish_s_max": max(waits, default=None),
@@ -688,6 +669,25 @@ def _anchoring_figures(
             and wait <= CLOSE_TO_PUBLISH_GOAL_S
         ),
     }
+
+
+def _send_all(
+    gateway: Any, publisher: MqttTransport, task: TaskSpec, devices: Sequence[str],
+    frames: Sequence[bytes],
+) -> tuple[float, float]:  # fmt: skip
+    """Publish each device's frame from a thread while the gateway steps, until it has
+    accepted them all (or TIME_LIMIT_S): ``(first publish, last acceptance)``."""
+    sender = _Publisher(
+        publisher, [(update_topic(task.id, d), f) for d, f in zip(devices, frames, strict=True)]
+    )
+    end = time.monotonic() + TIME_LIMIT_S
+    sender.start()
+    while gateway.stats.accepted < len(frames) and time.monotonic() < end:
+        gateway.step(0.05)
+    done = time.perf_counter()
+    sender.finish()
+    assert sender.started_at is not None
+    return sender.started_at, done
 
 
 def _max_message_bytes(frames: Sequence[bytes]) -> int:

@@ -338,17 +338,12 @@ class RoundRunner:
                 break
         if not done or not self.results:
             return
+        # Results are consecutive rounds (this process closes them in order and trims only
+        # the oldest); a round not among them was closed before the start or trimmed.
         first = self.results[0].round
-        for round_ in done:
-            i = round_ - first
-            # results are consecutive rounds of this process (a resumed task starts later)
-            if 0 <= i < len(self.results) and self.results[i].round == round_:
-                if not self.results[i].ledgered:
-                    self.results[i] = replace(self.results[i], ledgered=True)
-            else:
-                for j, r in enumerate(self.results):
-                    if r.round == round_ and not r.ledgered:
-                        self.results[j] = replace(r, ledgered=True)
+        for i in (round_ - first for round_ in done):
+            if 0 <= i < len(self.results) and not self.results[i].ledgered:
+                self.results[i] = replace(self.results[i], ledgered=True)
 
     def _end(self, status: str, reason: str | None) -> None:
         """The task ends: what the protocol records then (a DP task: its final epsilon and

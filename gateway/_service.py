@@ -32,9 +32,7 @@ from fedcore import (
     Params,
     Signer,
     TaskSpec,
-    TensorView,
     Transport,
-    UpdateHeader,
     presence_subscription,
     seed_digest,
     update_subscription,
@@ -200,9 +198,6 @@ class Gateway:
     def load_model(self, model_hash_: str) -> Params:
         """A model the store holds, by hash."""
         return self.rounds.load_model(model_hash_)
-
-    def stored_update(self, frame: bytes) -> tuple[UpdateHeader, list[TensorView]]:
-        return self.read_update(frame)
 
     # ------------------------------------------------------------------ lifecycle
     def connect(self, timeout: float = 10.0) -> None:

@@ -185,7 +185,7 @@ def test_a_stale_update_weighs_less(fleet, task):
     models = [gateway.load_model(r.base_hash) for r in gateway.store.rounds(spec.id)]
     final = gateway.load_model(gateway.final_model)
     stored = gateway.store.updates(spec.id, 1)
-    deltas = [gateway.stored_update(u.frame) for u in stored]
+    deltas = [gateway.read_update(u.frame) for u in stored]
     samples = [u.samples for u in stored]
     w = 1 / math.sqrt(2)
     for name in final:
