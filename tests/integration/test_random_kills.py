@@ -4,7 +4,7 @@ twice: the task finishes, every round holds all six updates in the store and on 
 and ``ledger verify --store`` agrees.
 
 The kill moments are random, drawn from a seed printed at the start (set
-``FEDLEDGER_CRASH_SEED`` to replay a run); some lives also arm a fixed crash point
+``FEDLEDGER_CRASH_SEED`` to replay a run); some lives instead arm a fixed crash point and run until it fires
 (``FEDLEDGER_CRASH_AT``: before a batch commit, after it and before the acknowledgement,
 between a round's close and the next round, in the middle of anchoring) and one agent dies
 between saving its update and publishing it. A second test restarts the broker (SIGKILL,
@@ -39,7 +39,7 @@ pytestmark = [pytest.mark.mqtt, pytest.mark.crash, pytest.mark.timeout(600)]
 
 AUDITOR = Identity(msp_id="org1", subject="auditor", role="auditor")
 DEVICES = 6
-ROUNDS = 36
+ROUNDS = 48
 KILLS = 12
 #: Rounds the random kills leave for crash points that have not fired by then.
 RESERVE = 6
@@ -181,9 +181,11 @@ def run_with_kills(site: Site, rng: random.Random, *, broker_restart_at: int | N
         assert time.monotonic() < deadline, f"gave up after {kills} kills"
         # a random moment, drawn shorter when the task runs ahead of the kills still to come
         # (a few rounds are kept for the crash points that have not fired yet)
+        # (a life with a crash point armed is left to reach it: a random kill that pre-empts
+        # it would leave the point for the end, when the task may have no work left)
         ahead = ROUNDS - RESERVE - site.closed_rounds() < 2 * (KILLS - kills)
         life = rng.uniform(0.1, 0.8) if ahead else rng.uniform(0.3, 2.5)
-        end = time.monotonic() + life
+        end = deadline if site.armed is not None else time.monotonic() + life
         while time.monotonic() < end and site.gateway.poll() is None:
             site.revive_agents()
             time.sleep(0.05)
