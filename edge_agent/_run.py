@@ -4,15 +4,18 @@ from __future__ import annotations
 
 import signal
 import threading
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 
 from fedcore import (
+    AlreadyLocked,
     ConfigError,
     Message,
     ModelSpec,
     MqttTransport,
+    ProcessLock,
     Transport,
     Will,
     certificate_der,
@@ -32,7 +35,7 @@ from fedcore import (
     signer_from_key,
 )
 
-from ._agent import EdgeAgent
+from ._agent import AgentError, EdgeAgent
 from ._config import AgentConfig, AgentSection, load_agent_config
 
 if TYPE_CHECKING:
@@ -147,11 +150,31 @@ def run_agent(config: str, broker: str | None = None) -> None:
     (``host:port``), else ``$FEDLEDGER_BROKER``, overrides the config's broker address."""
     cfg = load_agent_config(config)
     cfg = cfg.model_copy(update={"broker": cfg.broker.overridden(broker)})
-    agent = open_agent(cfg, source=config)
-    stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    agent.start()
+    owner = lock_state(cfg.agent.state)
     try:
-        agent.run(stop, exit_on_final=cfg.agent.exit_on_final)
+        agent = open_agent(cfg, source=config)
+        stop = threading.Event()
+        signal.signal(signal.SIGTERM, lambda *_: stop.set())
+        agent.start()
+        try:
+            agent.run(stop, exit_on_final=cfg.agent.exit_on_final)
+        finally:
+            agent.transport.stop()
     finally:
-        agent.transport.stop()
+        owner.release()
+
+
+def lock_state(state: Path) -> ProcessLock:
+    """One agent per state file: two agents sharing one would reuse counters and train a
+    round twice. The lock is ``<state>.lock`` beside it; a second agent is refused, naming
+    the holder's PID."""
+    lock = state.with_name(state.name + ".lock")
+    try:
+        lock.parent.mkdir(parents=True, exist_ok=True)
+        return ProcessLock(lock)
+    except AlreadyLocked as exc:
+        raise AgentError(
+            f"an agent is already running on {state} (PID {exc.pid}; lock {lock})"
+        ) from None
+    except OSError as exc:
+        raise AgentError(f"cannot lock agent state {state}: {exc}") from None

@@ -1,5 +1,6 @@
-"""One gateway per store: a second ``fedledger gateway run`` on it is refused with the PID of
-the first, and a gateway killed with SIGKILL leaves no stale lock."""
+"""One gateway per store and one agent per state file: a second ``fedledger gateway run`` (or
+``agent run``) on it is refused with the PID of the first, and a process killed with SIGKILL
+leaves no stale lock."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import sys
 
 import pytest
 
+from edge_agent import load_agent_config
 from fedcore import AlreadyLocked, ProcessLock
 from fedledger import TaskOptions, load_dataset, provision
 from gateway import GatewayError, UpdateStore
@@ -86,3 +88,35 @@ def test_gateway_run_on_a_store_in_use_exits_2_naming_the_pid(tmp_path):
     lines = [line for line in done.stderr.splitlines() if line.startswith("error: ")]
     assert len(lines) == 1 and f"already running on {layout.store}" in lines[0]
     assert f"PID {holder.pid}" in lines[0]
+
+
+def test_a_second_agent_on_one_state_file_exits_2_naming_the_pid(tmp_path):
+    """Two agents on one state file would reuse message counters and train a round twice."""
+    layout = provision(
+        tmp_path / "site", load_dataset("breast_cancer", seed=0), devices=2, alpha=1.0, seed=0,
+        options=TaskOptions(), broker_host="127.0.0.1", broker_port=1,
+    )  # fmt: skip
+    device, config = sorted(layout.agent_configs.items())[0]
+    state = load_agent_config(config).agent.state
+    hold = (
+        "import sys, time; from edge_agent._run import lock_state;"
+        "from pathlib import Path; lock_state(Path(sys.argv[1]));"
+        "print('held', flush=True); time.sleep(120)"
+    )
+    holder = subprocess.Popen(
+        [sys.executable, "-c", hold, str(state)], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+        done = subprocess.run(
+            [sys.executable, "-m", "fedledger", "agent", "run", "-c", str(config)],
+            capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+    finally:
+        _kill(holder)
+    assert done.returncode == 2, done.stderr
+    assert "Traceback" not in done.stderr
+    lines = [line for line in done.stderr.splitlines() if line.startswith("error: ")]
+    assert len(lines) == 1 and f"an agent is already running on {state}" in lines[0], lines
+    assert f"PID {holder.pid}" in lines[0]
+    assert not state.exists(), "the refused agent wrote state"
