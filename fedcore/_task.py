@@ -104,7 +104,9 @@ class TaskSpec(StrictModel):
     rounds: Annotated[int, Field(ge=1, le=MAX_ROUND + 1)] = 10
     codec: Literal["f32", "int8", "int8-channel", "int4", "topk-f32", "topk-int8"] = "int8"
     #: Updates needed to close a round at its deadline; fewer and the deadline is extended.
-    quorum: Annotated[int, Field(ge=1)] = 1
+    #: Unset: a majority of the registered fleet, so one device's update never becomes the
+    #: global model on its own. Set explicitly, it may not exceed the fleet.
+    quorum: Annotated[int, Field(ge=1)] | None = None
     #: Seconds a round stays open waiting for every registered device.
     round_timeout: Annotated[float, Field(gt=0)] = 30.0
     model: ModelSection
@@ -167,9 +169,20 @@ class TaskSpec(StrictModel):
     def model_spec(self) -> ModelSpec:
         return self.model.spec()
 
+    def quorum_of(self, fleet: int) -> int:
+        """The quorum for a fleet of ``fleet`` registered devices: the task's, else a
+        majority of them."""
+        if self.quorum is not None:
+            return self.quorum
+        return fleet // 2 + 1
+
     def spec_hash(self) -> str:
         # An absent section is left out, so synchronous tasks keep the hash they had.
-        absent = {name for name in ("asynchronous", "columns", "dp") if getattr(self, name) is None}
+        absent = {
+            name
+            for name in ("asynchronous", "columns", "dp", "quorum")
+            if getattr(self, name) is None
+        }
         exclude = absent or None
         return sha256_hex(canonical_json(self.model_dump(mode="json", exclude=exclude)))
 

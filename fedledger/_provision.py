@@ -41,7 +41,8 @@ class TaskOptions:
     batch_size: int = 16
     lr: float = 0.1
     round_timeout: float = 30.0
-    quorum: int = 1
+    #: ``None``: a majority of the fleet (the task leaves ``quorum`` unset).
+    quorum: int | None = None
     aggregation: str = "fedavg"
     #: The task's ``[dp]`` terms (``noise_multiplier``, ``clip``, ``budget_epsilon``,
     #: optionally ``sampling`` and ``target_delta``); a sampling seed is made when needed.
@@ -133,6 +134,8 @@ def _provision(
             terms["seed_sha256"] = new_dp_seed(root / "keys" / "dp-seed")
             gateway_dp = {"dp_seed": "keys/dp-seed"}
         task["dp"] = terms
+    if options.quorum is None:
+        del task["quorum"]  # a majority of the fleet
     task_path = root / "task.toml"
     task_path.write_text(tomli_w.dumps(task))
 

@@ -91,7 +91,8 @@ class SiteOptions:
     batch_size: int = 16
     lr: float = 0.1
     round_timeout: float = 30.0
-    quorum: int = 1
+    #: ``None``: a majority of the fleet (the task leaves ``quorum`` unset).
+    quorum: int | None = None
     aggregation: str = "fedavg"
     seed: int = 0
     #: The label values in class order; unset: found in the held-out CSV.

@@ -336,20 +336,24 @@ def gateway_status(
     Exit status: 0, or 1 when the ledger refuses a round.
     """
     from fedcore import load_task
-    from gateway import UpdateStore, load_gateway_config
+    from gateway import DeviceRegistry, UpdateStore, load_gateway_config
 
     if (config is None) == (store is None):
         raise typer.BadParameter("give --config (a gateway) or --store (a store file)")
     tasks = None
+    quorum: dict[str, int] = {}
     if config is not None:
         section = load_gateway_config(config).gateway
-        store, tasks = section.store, [load_task(section.task).id]
+        task = load_task(section.task)
+        store, tasks = section.store, [task.id]
+        fleet = len(DeviceRegistry.load(section.registry))
+        quorum = {"quorum": task.quorum_of(fleet), "devices": fleet}
     assert store is not None
     if not store.exists():
         raise typer.BadParameter(f"{store}: no such store (has the gateway run yet?)")
     db = UpdateStore.open_readonly(store)
     try:
-        summaries = [db.summary(task) for task in (tasks or db.tasks())]
+        summaries = [{**db.summary(task), **quorum} for task in (tasks or db.tasks())]
     finally:
         db.close()
     refused = any(s["refused_rounds"] for s in summaries)
@@ -373,6 +377,13 @@ def _status_text(s: dict) -> str:
         lines.append(
             f"  open: round {opened['round']}, {opened['updates']} updates, deadline {when}"
         )
+        if "quorum" in s:
+            lines.append(f"  quorum: {s['quorum']} of {s['devices']} registered devices")
+            if opened["updates"] < s["quorum"] and opened["deadline"] < time.time():
+                lines.append(
+                    f"  stalled: {opened['updates']} updates at the deadline, below the quorum"
+                    f" {s['quorum']} (the deadline is extended until it is met)"
+                )
     if s["unledgered_rounds"]:
         lines.append(
             f"  not on the ledger yet: {s['unledgered_rounds']} rounds, from round"
@@ -1260,8 +1271,12 @@ def init(
         "fedavg"
     ),
     quorum: Annotated[
-        int, typer.Option(min=1, help="Updates that close a round at its deadline.")
-    ] = 1,
+        int | None,
+        typer.Option(
+            min=1,
+            help="Updates that close a round at its deadline (default: a majority of the devices).",
+        ),
+    ] = None,
     round_timeout: Annotated[
         float, typer.Option(min=0.1, help="Seconds a round stays open.")
     ] = 30.0,

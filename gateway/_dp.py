@@ -148,8 +148,8 @@ class DPRounds(RoundProtocol):
     @property
     def quorum(self) -> int:
         if self._sampled is None:
-            return self.task.quorum
-        return min(self.task.quorum, len(self._sampled))
+            return self.task_quorum
+        return min(self.task_quorum, len(self._sampled))
 
     def due(self, current: OpenRound, live: int) -> bool:
         if self._sampled is None:

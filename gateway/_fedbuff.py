@@ -46,7 +46,7 @@ class FedBuffRounds(RoundProtocol):
 
     @property
     def quorum(self) -> int:
-        return min(self.task.quorum, self.section.buffer)
+        return min(self.task_quorum, self.section.buffer)
 
     def opened(self, round_: int, base_hash: str, *, resume: bool) -> bool:
         """Slide the bases, buffers and trained-on set to ``round_``; at a restart, rebuild

@@ -40,10 +40,15 @@ class RoundProtocol:
     #: Whether closing a round can leave the next one due at once (updates passed on).
     cascades: ClassVar[bool] = False
 
-    def __init__(self, *, task: TaskSpec, store: UpdateStore, read_frame: FrameReader):
+    def __init__(
+        self, *, task: TaskSpec, store: UpdateStore, read_frame: FrameReader, fleet: int = 1
+    ):
+        """``fleet``: the registered devices, which an unset task quorum is a majority of."""
         self.task = task
         self.store = store
         self.read_frame = read_frame
+        #: The task's quorum for this fleet (:meth:`TaskSpec.quorum_of`).
+        self.task_quorum = task.quorum_of(fleet)
 
     # What the validator is told about bases.
     @property
@@ -57,7 +62,7 @@ class RoundProtocol:
 
     @property
     def quorum(self) -> int:
-        return self.task.quorum
+        return self.task_quorum
 
     def opened(self, round_: int, base_hash: str, *, resume: bool) -> bool:
         """A round opened; True when the store's updates of it count from the start (a
@@ -134,13 +139,20 @@ def protocol_name(task: TaskSpec) -> str:
 
 
 def make_protocol(
-    name: str, *, task: TaskSpec, store: UpdateStore, read_frame: FrameReader, **options
+    name: str,
+    *,
+    task: TaskSpec,
+    store: UpdateStore,
+    read_frame: FrameReader,
+    fleet: int = 1,
+    **options,
 ) -> RoundProtocol:
-    """``options`` go to the protocol's constructor (``dp_seed`` for ``dp``)."""
+    """``options`` go to the protocol's constructor (``dp_seed`` for ``dp``); ``fleet`` is
+    the registered devices' count."""
     try:
         cls = PROTOCOLS[name]
     except KeyError:
         raise GatewayError(
             f"unknown round protocol {name!r}; known: {', '.join(sorted(PROTOCOLS))}"
         ) from None
-    return cls(task=task, store=store, read_frame=read_frame, **options)
+    return cls(task=task, store=store, read_frame=read_frame, fleet=fleet, **options)

@@ -117,11 +117,18 @@ class Gateway:
         options = {}
         if task.dp is not None:
             options["dp_seed"] = _checked_dp_seed(task, dp_seed)
+        if task.quorum is not None and task.quorum > len(registry):
+            raise GatewayError(
+                f"the task's quorum {task.quorum} exceeds the {len(registry)} registered"
+                " devices: no round could close at its deadline (lower quorum in the task,"
+                " or leave it unset for a majority of the fleet)"
+            )
         self.protocol = make_protocol(
             protocol or protocol_name(task),
             task=task,
             store=store,
             read_frame=self.read_update,
+            fleet=len(registry),
             **options,
         )
         self.fleet = FleetLedger(

@@ -85,8 +85,10 @@ def test_task_columns_are_checked_and_hashed_only_when_present():
     assert plain.spec_hash() != with_columns.spec_hash()
     # A task without columns keeps the hash it had before columns existed.
     before = {k: v for k, v in plain.model_dump(mode="json").items() if k != "columns"}
-    del before["asynchronous"], before["dp"]
+    del before["asynchronous"], before["dp"], before["quorum"]
     assert plain.spec_hash() == sha256_hex(canonical_json(before))
+    # an explicit quorum is hashed; an unset one (a majority of the fleet) is left out
+    assert TaskSpec.model_validate({**base, "quorum": 1}).spec_hash() != plain.spec_hash()
     with pytest.raises(ValueError, match="names 1 of 2 features"):
         TaskSpec.model_validate({**base, "columns": {**columns, "features": ["a"]}})
     with pytest.raises(ValueError, match="names 3 of 2 classes"):

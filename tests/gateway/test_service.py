@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 
 from fedcore import InMemoryBroker, decode_envelope, model_topic, update_topic
+from gateway import GatewayError
 from ledger import Identity
 
 from .fleet import Clock, make_agents, make_gateway, pump
@@ -60,6 +61,30 @@ def test_deadline_below_quorum_extends_the_round(world):
     assert gateway.results == [] and gateway.current_round == 0
     pump(gateway, agents)
     assert gateway.results[0].participants == 5
+
+
+def test_an_unset_quorum_is_a_majority_of_the_fleet(world):
+    """Two of five devices at the deadline are not enough: one or two devices' updates
+    must not become the global model."""
+    broker, clock, gateway, agents = world
+    assert gateway.task.quorum is None and gateway.protocol.quorum == 3
+    gateway.start()
+    pump(gateway, agents[:2])
+    clock.now += 21
+    gateway.step(0)
+    assert gateway.results == [] and gateway.current_round == 0
+    pump(gateway, agents[2:3])
+    clock.now += 21
+    gateway.step(0)
+    assert [r.participants for r in gateway.results] == [3]
+
+
+def test_a_quorum_above_the_fleet_is_refused_at_start(
+    tmp_path, task, registry, gateway_key, dataset
+):
+    too_many = task.model_copy(update={"quorum": len(registry) + 1})
+    with pytest.raises(GatewayError, match=r"quorum 6 exceeds the 5 registered devices"):
+        make_gateway(tmp_path, too_many, registry, gateway_key, dataset, InMemoryBroker(), Clock())
 
 
 def test_restart_resumes_the_open_round_without_double_counting(
