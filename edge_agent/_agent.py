@@ -89,11 +89,15 @@ class AgentState:
     ``pending`` is the last signed update frame, kept until the gateway publishes a model of
     a later round (which it does only once that update's round has closed). While the model
     of ``last_round`` is the one published, a restart or a re-published model sends the same
-    frame again; the gateway recognises the copy and counts it once."""
+    frame again; the gateway recognises the copy and counts it once.
+
+    ``run`` is the gateway's run of the task the rounds belong to: a model of another run (a
+    task id reused with a fresh gateway store) starts the rounds over, counters going on."""
 
     counter: int = -1
     last_round: int = -1
     pending: bytes | None = None
+    run: str | None = None
 
     @classmethod
     def load(cls, path: Path | None) -> AgentState:
@@ -102,10 +106,12 @@ class AgentState:
         try:
             data = json.loads(path.read_text(encoding="utf-8"))
             pending = data.get("pending")
+            run = data.get("run")
             return cls(
                 counter=int(data["counter"]),
                 last_round=int(data["last_round"]),
                 pending=None if pending is None else base64.b64decode(pending, validate=True),
+                run=None if run is None else str(run),
             )
         except (OSError, ValueError, KeyError, TypeError) as exc:
             raise AgentError(f"{path}: unreadable agent state: {exc}") from None
@@ -118,6 +124,8 @@ class AgentState:
         data: dict[str, object] = {"counter": self.counter, "last_round": self.last_round}
         if self.pending is not None:
             data["pending"] = base64.b64encode(self.pending).decode("ascii")
+        if self.run is not None:
+            data["run"] = self.run
         tmp = path.with_suffix(path.suffix + ".tmp")
         with tmp.open("w", encoding="utf-8") as handle:
             json.dump(data, handle)
@@ -185,6 +193,8 @@ class EdgeAgent:
         #: Rounds this device was not sampled for (a DP task's Poisson sampling).
         self.rounds_skipped = 0
         self._skipped = -1
+        #: The run of a retained final model this device took no part in (logged once).
+        self._foreign_final: str | None = None
         self.bytes_sent = 0
         self.metrics = metrics
         if metrics is not None:
@@ -261,9 +271,22 @@ class EdgeAgent:
         if header.task != self.task.id:
             return None
         if header.status == "final":
+            if header.run is not None and header.run != self.state.run:
+                # A retained final model of another run of this task id: a new gateway
+                # will publish its first round; quitting now would stall it.
+                if header.run != self._foreign_final:
+                    self._foreign_final = header.run
+                    log.info(
+                        "task %s: the broker holds the final model of run %s, which this"
+                        " device took no part in; waiting for the gateway's next model",
+                        self.task.id, header.run,
+                    )  # fmt: skip
+                return None
             self.final_model = header.model_hash
             log.info("task %s finished; final model %s", self.task.id, header.model_hash[:12])
             return None
+        if header.run is not None and header.run != self.state.run:
+            self._join_run(header.run)
         self._seen_round = max(self._seen_round, header.round)
         if header.round == self.state.last_round and self.state.pending is not None:
             self._resend(header.round)
@@ -277,6 +300,20 @@ class EdgeAgent:
                 log.info("round %d: not sampled; waiting for the next round", header.round)
             return None
         return header, envelope.payload
+
+    def _join_run(self, run: str) -> None:
+        """A model of ``run``: record it; a run other than the one the state's rounds belong
+        to starts the rounds over (its round 0 is not the old run's round 0). Counters go on,
+        so no signed counter is ever reused."""
+        if self.state.run is not None:
+            log.info(
+                "task %s: a new run %s (this device's rounds were run %s); starting over",
+                self.task.id, run, self.state.run,
+            )  # fmt: skip
+            self.state.last_round = -1
+            self.state.pending = None
+        self.state.run = run
+        self.state.save(self._state_path)
 
     def _maybe_resend(self) -> None:
         """Resend the pending update every ``resend_seconds`` while its round is the newest

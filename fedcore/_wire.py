@@ -84,6 +84,9 @@ class ModelHeader:
     #: A task with sampled rounds (differential privacy): the devices asked to train on this
     #: model, sorted; the others skip the round. ``None``: every device trains.
     sampled: tuple[str, ...] | None = None
+    #: The gateway's run of the task (16 hex, made with its store): a task id reused with a
+    #: fresh store is a new run, and its agents start over. ``None``: not sent.
+    run: str | None = None
 
     @property
     def model_hash(self) -> str:
@@ -190,6 +193,8 @@ def encode_model(header: ModelHeader, payload: bytes, signer: Signer) -> bytes:
         del fields["sampled"]  # absent, so a model without sampling has the header it had
     else:
         fields["sampled"] = list(header.sampled)
+    if header.run is None:
+        del fields["run"]
     fields["payload_sha256"] = hashlib.sha256(payload).hexdigest()
     _check_model(fields)
     return _frame(TYPE_MODEL, fields, payload, signer)
@@ -334,6 +339,11 @@ def _check_model(fields: dict[str, Any]) -> None:
         if sampled != sorted(set(sampled)):
             raise WireError("malformed", "header field sampled must be sorted, without repeats")
         fields = {k: v for k, v in fields.items() if k != "sampled"}
+    if "run" in fields:
+        run = fields["run"]
+        if not isinstance(run, str) or len(run) != 16 or not set(run) <= _HEX64:
+            raise WireError("malformed", "header field run must be 16 lowercase hex digits")
+        fields = {k: v for k, v in fields.items() if k != "run"}
     _require(fields, _MODEL_FIELDS)
     _check_identifier(fields["task"], "task")
     _check_hex64(fields["payload_sha256"], "payload_sha256")

@@ -106,6 +106,8 @@ class RoundRunner:
         #: The open round (``None`` between rounds and once the task is done).
         self.current: OpenRound | None = None
         self.final_hash: str | None = None
+        #: This store's run of the task, sent with every model (see UpdateStore.run_id).
+        self.run = store.run_id(task.id)
         self._signer = signer
         self._clock = clock
         self._on_round = on_round
@@ -370,6 +372,7 @@ class RoundRunner:
             status=status,
             deadline=round(deadline, 3),
             sampled=self.protocol.sampled if status == "open" else None,
+            run=self.run,
         )
         frame = encode_model(header, model_payload(params), self._signer)
         self.transport.publish(model_topic(self.task.id), frame, qos=1, retain=True)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import sqlite3
 import threading
 from collections.abc import Iterator
@@ -71,6 +72,10 @@ CREATE TABLE IF NOT EXISTS rejections (
     size        INTEGER NOT NULL,
     received_at REAL NOT NULL,
     digest      TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS runs (
+    task TEXT PRIMARY KEY,
+    run  TEXT NOT NULL
 );
 CREATE TABLE IF NOT EXISTS ledger_refusals (
     task   TEXT NOT NULL,
@@ -211,6 +216,16 @@ class UpdateStore:
                 if self._db.in_transaction:
                     self._db.execute("ROLLBACK")
                 raise GatewayError(f"update store {self.path}: {exc}") from None
+
+    # runs
+    def run_id(self, task: str) -> str:
+        """This store's run of ``task``: made once (random, 16 hex) and kept, so a restarted
+        gateway goes on with the same run and a fresh store starts a new one. Model messages
+        carry it: agents tell a new run of a reused task id from the old run's retained
+        final model."""
+        self._write([("INSERT OR IGNORE INTO runs VALUES (?, ?)", (task, secrets.token_hex(8)))])
+        row = self._db.execute("SELECT run FROM runs WHERE task = ?", (task,)).fetchone()
+        return str(row[0])
 
     # models
     def put_model(self, model_hash: str, round_: int, payload: bytes) -> None:

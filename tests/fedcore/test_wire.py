@@ -76,6 +76,21 @@ def test_model_round_trip(key, payload):
     assert env.header.model_hash == hashlib.sha256(payload).hexdigest()
 
 
+def test_a_model_carries_the_gateways_run_and_a_bad_run_is_malformed(key, payload):
+    plain = ModelHeader(task="t1", round=0, status="open", deadline=12.5)
+    with_run = ModelHeader(task="t1", round=0, status="open", deadline=12.5, run="0a" * 8)
+    assert decode_envelope(encode_model(with_run, payload, key.sign)).header.run == "0a" * 8
+    # absent when unset: the header is byte-identical to one from before the field
+    assert b'"run"' not in encode_model(plain, payload, key.sign)
+    for bad in ("0A" * 8, "0a" * 7, "zz" * 8):
+        with pytest.raises(WireError, match="run must be 16 lowercase hex"):
+            encode_model(
+                ModelHeader(task="t1", round=0, status="open", deadline=1.0, run=bad),
+                payload,
+                key.sign,
+            )
+
+
 def test_tampered_payload_is_a_digest_mismatch(key, payload):
     frame = bytearray(encode_update(header(), payload, key.sign))
     frame[-70] ^= 1  # inside the payload, before the signature
