@@ -76,13 +76,21 @@ from ._files import (
     remove_owned_folder,
     write_marker,
 )
-from ._limits import MAX_BATCH_RECORDS, MAX_BATCHES, MAX_METRICS, MAX_ROUND, MAX_SAMPLES
+from ._limits import (
+    MAX_BATCH_RECORDS,
+    MAX_BATCHES,
+    MAX_CLASS_RECALLS,
+    MAX_METRICS,
+    MAX_ROUND,
+    MAX_SAMPLES,
+)
 from ._lock import AlreadyLocked, ProcessLock
 from ._model import (
     MODEL_KINDS,
     ModelSpec,
     Params,
     accuracy,
+    clinical_metrics,
     fake_quantize,
     init_params,
     model_hash,
@@ -198,6 +206,7 @@ __all__ = [
     "MARKER",
     "MAX_BATCHES",
     "MAX_BATCH_RECORDS",
+    "MAX_CLASS_RECALLS",
     "MAX_METRICS",
     "MAX_ROUND",
     "MAX_SAMPLES",
@@ -256,6 +265,7 @@ __all__ = [
     "check_labels",
     "check_task_fits",
     "claim_folder",
+    "clinical_metrics",
     "clip_update",
     "collect_windows",
     "connect_readonly",

@@ -14,6 +14,11 @@ MAX_ROUND = 99_999_999
 MAX_SAMPLES = 2**31 - 1
 #: Round metrics (accuracy, clinical metrics...) per round record.
 MAX_METRICS = 32
+#: Classes up to which a round records each class's recall (``recall_<k>``); a task with
+#: more records none (its balanced accuracy still averages them all). The largest record then
+#: stays within MAX_METRICS: accuracy, balanced accuracy and AUC (3), 16 recalls, a DP task's 5,
+#: FedBuff's 2 and a robust rule's 2 make 28.
+MAX_CLASS_RECALLS = 16
 #: Update records per RecordUpdates batch.
 MAX_BATCH_RECORDS = 1_000
 #: RecordUpdates batches per round.

@@ -16,6 +16,10 @@ fake-quantized exactly as the int8 export quantizes them (symmetric, one scale p
 unit or filter) and passes gradients straight through to the float weights (the
 straight-through estimator, Bengio et al. 2013; Jacob et al. 2018), so a model trained this
 way loses no accuracy when it runs as int8 on a device.
+
+:func:`clinical_metrics` is the one exception to "NumPy only": the gateway evaluates each
+global model with scikit-learn (its extra installs it), imported on the first call, so a
+device, which never evaluates, neither carries nor loads it.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ import numpy as np
 
 from ._canonical import canonical_json, sha256_hex
 from ._codec import encode_tensors, quantize_int8_channels
+from ._limits import MAX_CLASS_RECALLS
 
 Params = dict[str, np.ndarray]
 MODEL_KINDS = ("logreg", "mlp", "cnn1d")
@@ -242,6 +247,53 @@ def accuracy(
     if len(y) == 0:
         return 0.0
     return float(np.mean(np.argmax(predict_logits(spec, params, x), axis=1) == y))
+
+
+def clinical_metrics(
+    spec: ModelSpec, params: Mapping[str, np.ndarray], x: np.ndarray, y: np.ndarray
+) -> dict[str, float]:
+    """What a clinician weighs beside accuracy, which hides a rare class the model misses
+    (95 % accuracy when 5 % of the patients are ill and none of them is found).
+
+    - ``balanced_accuracy``: the mean recall over the classes present in ``y``;
+    - ``auc``: ROC AUC; two classes: of class 1's probability; more: the macro mean of the
+      one-vs-rest AUCs of the classes present (scikit-learn's ``multi_class="ovr"`` when all
+      are);
+    - ``sensitivity``, ``specificity`` (two classes only): recall of class 1, of class 0;
+    - ``recall_<k>``: recall of class k, for every class of a task with at most
+      :data:`~fedcore.MAX_CLASS_RECALLS` classes (above, none: a round record holds at most
+      ``MAX_METRICS`` numbers, and balanced accuracy still averages them all).
+
+    A metric ``y`` cannot define is left out, never guessed: the recall (sensitivity,
+    specificity) of a class absent from ``y``, and the AUC while fewer than two classes are
+    present. Empty data gives ``{}``. Keys are ledger metric names.
+    """
+    y = np.asarray(y, dtype=np.int64)
+    if len(y) == 0:
+        return {}
+    from sklearn.metrics import recall_score, roc_auc_score
+
+    logits = predict_logits(spec, params, x).astype(np.float64)
+    predicted = np.argmax(logits, axis=1)
+    prob = np.exp(logits - logits.max(axis=1, keepdims=True))
+    prob /= prob.sum(axis=1, keepdims=True)
+    present = [int(k) for k in np.unique(y)]
+    # Only classes present are asked for, so no recall divides by zero.
+    recalls = recall_score(y, predicted, labels=present, average=None, zero_division=0.0)
+    recall = dict(zip(present, (float(r) for r in recalls), strict=True))
+    metrics = {"balanced_accuracy": float(np.mean(recalls))}
+    if len(present) >= 2:
+        if spec.n_classes == 2:
+            metrics["auc"] = float(roc_auc_score(y, prob[:, 1]))
+        else:
+            metrics["auc"] = float(np.mean([roc_auc_score(y == k, prob[:, k]) for k in present]))
+    if spec.n_classes == 2:
+        for name, k in (("sensitivity", 1), ("specificity", 0)):
+            if k in recall:
+                metrics[name] = recall[k]
+    if spec.n_classes <= MAX_CLASS_RECALLS:
+        metrics.update((f"recall_{k}", r) for k, r in recall.items())
+    return metrics
 
 
 def _softmax_grad(logits: np.ndarray, y: np.ndarray) -> np.ndarray:

@@ -213,6 +213,7 @@ def run_demo(
             {
                 "round": r.round,
                 "accuracy": r.accuracy,
+                "clinical": r.clinical,
                 "participants": r.participants,
                 "samples": r.samples,
                 "bytes_received": r.bytes_received,
@@ -225,6 +226,7 @@ def run_demo(
             for r in results
         ],
         "final_accuracy": final,
+        "final_clinical": results[-1].clinical if results else None,
         "centralized_accuracy": central,
         "gap_pp": None if final is None else round(100 * (central - final), 3),
         "final_model": results[-1].model_hash if results else None,

@@ -11,6 +11,25 @@ from rich.table import Table
 
 from gateway import RoundResult
 
+#: Clinical metrics shown per round and in the summary: (key, column title, as percent).
+_CLINICAL = (
+    ("balanced_accuracy", "balanced acc.", True),
+    ("auc", "AUC", False),
+    ("sensitivity", "sensitivity", True),
+    ("specificity", "specificity", True),
+)
+
+
+def _percent(value: float | None) -> str:
+    return "-" if value is None else f"{100 * value:.2f}%"
+
+
+def _clinical(clinical: dict[str, float], key: str, percent: bool) -> str:
+    value = clinical.get(key)
+    if value is None or percent:
+        return _percent(value)
+    return f"{value:.3f}"
+
 
 class RoundTable:
     def __init__(self, console: Console, *, rounds: int, devices: int, enabled: bool = True):
@@ -30,22 +49,29 @@ class RoundTable:
         self._task = self._progress.add_task("starting", total=rounds)
         self._live: Live | None = None
 
+    def _shown(self) -> list[tuple[str, str, bool]]:
+        """The clinical columns some row has (sensitivity and specificity: two classes only)."""
+        return [c for c in _CLINICAL if any(c[0] in r.clinical for r in self.rows)]
+
     def _table(self) -> Table:
         table = Table(show_edge=False, header_style="bold")
-        for name, justify in (
-            ("round", "right"),
-            ("participants", "right"),
-            ("accuracy", "right"),
-            ("bytes received", "right"),
-            ("rejected", "right"),
-            ("seconds", "right"),
+        shown = self._shown()
+        for name in (
+            "round",
+            "participants",
+            "accuracy",
+            *(title for _, title, _ in shown),
+            "bytes received",
+            "rejected",
+            "seconds",
         ):
-            table.add_column(name, justify=justify)
+            table.add_column(name, justify="right")
         for r in self.rows:
             table.add_row(
                 str(r.round + 1),
                 f"{r.participants}/{self.devices}",
-                "-" if r.accuracy is None else f"{100 * r.accuracy:.2f}%",
+                _percent(r.accuracy),
+                *(_clinical(r.clinical, key, percent) for key, _, percent in shown),
                 f"{r.bytes_received:,}",
                 str(r.rejected),
                 f"{r.duration_s:.2f}",
@@ -80,10 +106,15 @@ class RoundTable:
         if self._live is not None:
             self._live.update(self._render())
         elif self.enabled:
-            acc = "-" if result.accuracy is None else f"{100 * result.accuracy:.2f}%"
+            clinical = "".join(
+                f"  {title} {_clinical(result.clinical, key, percent)}"
+                for key, title, percent in _CLINICAL
+                if key in result.clinical
+            )
             self.console.print(
                 f"round {result.round + 1:>3}  participants {result.participants}/{self.devices}"
-                f"  accuracy {acc}  bytes {result.bytes_received:,}  rejected {result.rejected}"
+                f"  accuracy {_percent(result.accuracy)}{clinical}"
+                f"  bytes {result.bytes_received:,}  rejected {result.rejected}"
                 f"  {result.duration_s:.2f}s"
             )
 
@@ -98,6 +129,7 @@ class RoundTable:
             f"  final accuracy        {100 * final:.2f}%"
             if final is not None
             else "  no round closed",
+            *self._final_clinical(report.get("final_clinical") or {}),
             f"  centralized accuracy  {100 * central:.2f}%  (same model on the pooled data)",
             f"  gap                   {report['gap_pp']:.2f} percentage points",
             f"  final model           {str(report['final_model'])[:16]}...",
@@ -125,6 +157,15 @@ class RoundTable:
         )
         for line in lines:
             self.console.print(line, highlight=False, soft_wrap=True)
+
+    @staticmethod
+    def _final_clinical(clinical: dict[str, float]) -> list[str]:
+        shown = [
+            f"{title} {_clinical(clinical, key, percent)}"
+            for key, title, percent in _CLINICAL
+            if key in clinical
+        ]
+        return [f"  final clinical        {', '.join(shown)}"] if shown else []
 
 
 class BlockProgress:

@@ -3,7 +3,8 @@
 Counters and gauges are read at scrape time from state the gateway keeps anyway
 (:class:`~gateway.GatewayStats`), so handling a message costs nothing extra; only timings are
 observed, when a round closes. Labels come from small fixed sets (``reason`` is one of
-:data:`~gateway.REJECT_REASONS`): a device id is never a label.
+:data:`~gateway.REJECT_REASONS`; ``class`` a class index, at most
+:data:`~fedcore.MAX_CLASS_RECALLS` of them): a device id is never a label.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from typing import TYPE_CHECKING
 from prometheus_client import CollectorRegistry, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
-from fedcore import MetricsEndpoint
+from fedcore import MAX_CLASS_RECALLS, MetricsEndpoint
 
 from ._errors import REJECT_REASONS, GatewayError
 
@@ -38,6 +39,50 @@ def _version() -> str:
         return importlib.metadata.version("fedledger")
     except importlib.metadata.PackageNotFoundError:
         return "unknown"
+
+
+#: Gauge noun -> (the :func:`fedcore.clinical_metrics` key it exports, its help).
+_CLINICAL_GAUGES = {
+    "global_model_balanced_accuracy_ratio": (
+        "balanced_accuracy",
+        "Balanced accuracy (mean recall over the classes present, 0..1) of the last global"
+        " model on the held-out evaluation data.",
+    ),
+    "global_model_auc_ratio": (
+        "auc",
+        "ROC AUC (0..1; macro one-vs-rest above two classes) of the last global model on the"
+        " held-out evaluation data.",
+    ),
+    "global_model_sensitivity_ratio": (
+        "sensitivity",
+        "Sensitivity (recall of class 1, 0..1) of the last global model of a two-class task on"
+        " the held-out evaluation data.",
+    ),
+    "global_model_specificity_ratio": (
+        "specificity",
+        "Specificity (recall of class 0, 0..1) of the last global model of a two-class task on"
+        " the held-out evaluation data.",
+    ),
+}
+_RECALL = "recall_"
+
+
+def _clinical(gauge, stats) -> Iterator[Metric]:
+    """The last global model's clinical metrics: absent until a round closes with held-out
+    data, and each one absent while that data does not define it (a class missing)."""
+    clinical = {} if stats is None else stats.last_clinical  # replaced whole, never mutated
+    for noun, (key, doc) in _CLINICAL_GAUGES.items():
+        yield gauge(noun, doc, lambda s, key=key: clinical.get(key))
+    recall = GaugeMetricFamily(
+        f"{PREFIX}_global_model_class_recall_ratio",
+        "Recall (0..1) of each class of the last global model on the held-out evaluation data"
+        f" (tasks of at most {MAX_CLASS_RECALLS} classes; a class absent from the data has none).",
+        labels=["class"],
+    )
+    for key, value in clinical.items():
+        if key.startswith(_RECALL):
+            recall.add_metric([key[len(_RECALL) :]], value)
+    yield recall
 
 
 class GatewayMetrics:
@@ -183,6 +228,7 @@ class GatewayMetrics:
             "Accuracy (0..1) of the last global model on the held-out evaluation data.",
             lambda s: s.last_accuracy,
         )
+        yield from _clinical(gauge, stats)
         yield gauge(
             "devices_registered",
             "Devices in the gateway's registry.",

@@ -16,11 +16,17 @@ from ._combine import RoundAggregator
 class RoundResult:
     """What a closed round produced; also the shape of the demo's per-round report.
 
+    ``accuracy`` and ``clinical`` (:func:`fedcore.clinical_metrics`: balanced accuracy, AUC,
+    sensitivity and specificity, per-class recall) are the new global model's on the
+    gateway's held-out data: ``None`` and ``{}`` without it. The ledger records them rounded
+    to 6 decimals.
+
     ``ledgered``: whether the ledger held the round when the result was last updated (the
     ledger worker anchors it after the close; :meth:`Gateway.results` reflects that)."""
 
     round: int
     accuracy: float | None
+    clinical: dict[str, float]
     participants: int
     samples: int
     bytes_received: int

@@ -28,6 +28,7 @@ from fedcore import (
     Transport,
     UpdateHeader,
     accuracy,
+    clinical_metrics,
     crash_point,
     decode_envelope,
     decode_tensors,
@@ -261,7 +262,10 @@ class RoundRunner:
         )
         aggregation_s = time.perf_counter() - started
         new_hash = model_hash(params)
-        acc = None if self.evaluation is None else accuracy(self.spec, params, *self.evaluation)
+        acc, clinical = None, {}
+        if self.evaluation is not None:
+            acc = accuracy(self.spec, params, *self.evaluation)
+            clinical = clinical_metrics(self.spec, params, *self.evaluation)
         closed_at = self._clock()
         record = round_record(
             current,
@@ -269,7 +273,7 @@ class RoundRunner:
             codec=self.task.codec,
             aggregation=self.task.aggregation_label(),
             new_hash=new_hash,
-            metrics=self._round_metrics(current, acc),
+            metrics=self._round_metrics(current, acc, clinical),
             batch_size=MAX_BATCH_RECORDS,
         )
         # The round, its new model and its ledger record in one transaction: the outbox.
@@ -282,12 +286,14 @@ class RoundRunner:
         self.stats.rounds_closed += 1
         self.stats.last_participants = len(current.contributors)
         self.stats.last_accuracy = acc
+        self.stats.last_clinical = clinical
         if self.metrics is not None:
             self.metrics.aggregation.observe(aggregation_s)
             self.metrics.round_duration.observe(closed_at - current.opened_at)
         result = RoundResult(
             round=current.round,
             accuracy=acc,
+            clinical=dict(clinical),
             participants=len(current.contributors),
             samples=current.accumulator.total_samples,
             bytes_received=current.bytes_received,
@@ -302,7 +308,10 @@ class RoundRunner:
             del self.results[:-RESULTS_KEPT]
         self.note_anchored()
         n = len(current.contributors)
-        log.info("round %d closed: %d updates, accuracy %s", current.round, n, acc)
+        log.info(
+            "round %d closed: %d updates, accuracy %s, balanced accuracy %s, AUC %s",
+            current.round, n, acc, clinical.get("balanced_accuracy"), clinical.get("auc"),
+        )  # fmt: skip
         self.current = None
         if self._on_round is not None:
             self._on_round(result)
@@ -312,8 +321,11 @@ class RoundRunner:
         else:
             self.open(current.round + 1, params, new_hash)
 
-    def _round_metrics(self, current: OpenRound, acc: float | None) -> dict[str, float]:
+    def _round_metrics(
+        self, current: OpenRound, acc: float | None, clinical: dict[str, float]
+    ) -> dict[str, float]:
         metrics = {} if acc is None else {"accuracy": round(acc, 6)}
+        metrics.update((name, round(value, 6)) for name, value in clinical.items())
         metrics.update(self.protocol.record_metrics(current))
         if not current.accumulator.streaming:
             metrics["updates_dropped"] = float(current.accumulator.dropped)

@@ -28,3 +28,6 @@ class GatewayStats:
     current_round: int | None = None
     last_participants: int | None = None
     last_accuracy: float | None = None
+    #: The last global model's :func:`fedcore.clinical_metrics`; replaced whole at each close,
+    #: never changed in place, so a scrape may iterate it from another thread.
+    last_clinical: dict[str, float] = field(default_factory=dict)

@@ -29,6 +29,8 @@ from grafana_foundation_sdk.models.dashboard import (
     VariableSort,
 )
 
+from fedcore import MAX_CLASS_RECALLS
+
 #: The Prometheus job names the monitoring role (and the tests) scrape the components under.
 GATEWAY_JOB = "fedledger-gateway"
 AGENT_JOB = "fedledger-agent"
@@ -317,6 +319,24 @@ def round_progress():
             (f"{g}global_model_accuracy_ratio{{{GW}}}", "accuracy {{instance}}"),
         ),
         graph_panel(
+            "Clinical metrics",
+            "Balanced accuracy, ROC AUC, and (two classes) sensitivity and specificity of the"
+            " last global model on held-out data; each is in its round's ledger record.",
+            (f"{g}global_model_balanced_accuracy_ratio{{{GW}}}", "balanced accuracy {{instance}}"),
+            (f"{g}global_model_auc_ratio{{{GW}}}", "AUC {{instance}}"),
+            (f"{g}global_model_sensitivity_ratio{{{GW}}}", "sensitivity {{instance}}"),
+            (f"{g}global_model_specificity_ratio{{{GW}}}", "specificity {{instance}}"),
+            maximum=1,
+        ),
+        graph_panel(
+            "Recall per class",
+            "Recall of each class of the last global model on held-out data (tasks of at most"
+            f" {MAX_CLASS_RECALLS} classes): a class the model misses shows here while accuracy"
+            " still looks good.",
+            (f"{g}global_model_class_recall_ratio{{{GW}}}", "class {{class}} {{instance}}"),
+            maximum=1,
+        ),
+        graph_panel(
             "Update throughput",
             "Messages received on update topics and updates accepted, per second.",
             (f"sum({_rate(f'{g}updates_received_total')})", "received"),
@@ -335,7 +355,8 @@ def round_progress():
     return _dashboard(
         "fedledger-round-progress",
         "fedledger / Round progress",
-        "Rounds opened and closed, their duration, aggregation time, participants and accuracy.",
+        "Rounds opened and closed, their duration, aggregation time, participants, accuracy and"
+        " the clinical metrics.",
         panels,
     )
 

@@ -30,11 +30,18 @@ def test_demo_writes_report_plot_and_a_verifiable_ledger(tmp_path, mosquitto):
     for r in report["rounds"]:
         assert r["participants"] == 3 and r["rejected"] == 0 and r["bytes_received"] > 0
         assert 0.5 < r["accuracy"] <= 1.0
+        # the sample task is binary (malignant or benign): every clinical metric is defined
+        assert set(r["clinical"]) == {
+            "balanced_accuracy", "auc", "sensitivity", "specificity", "recall_0", "recall_1",
+        }  # fmt: skip
+        assert all(0.5 < v <= 1.0 for v in r["clinical"].values())
+    assert report["final_clinical"] == report["rounds"][-1]["clinical"]
     assert report["ledger_verified"] is True
     assert 0.5 < report["centralized_accuracy"] <= 1.0
     assert report["final_accuracy"] == report["rounds"][-1]["accuracy"]
     assert (tmp_path / "out" / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "ledger" in done.stdout and "verified" in done.stdout
+    assert "final clinical" in done.stdout and "sensitivity" in done.stdout
     verify = run("ledger", "verify", "--db", report["ledger_path"], "--json")
     assert verify.returncode == 0
     # genesis, 3 registrations, the task, open/record/commit per round

@@ -35,7 +35,8 @@ def make_gateway(
     metrics=None,
     **options,
 ):
-    """``options`` go to :class:`Gateway` (``protocol``, ``ledger_worker``...)."""
+    """``options`` go to :class:`Gateway` (``protocol``, ``ledger_worker``...); the held-out
+    ``evaluation`` data is the data set's test split unless given."""
     ledger = EmbeddedLedger(
         tmp_path / "ledger.sqlite",
         signer=signer_from_key(gateway_key),
@@ -48,7 +49,7 @@ def make_gateway(
         ledger=ledger if wrap_ledger is None else wrap_ledger(ledger),
         registry=registry,
         signer=signer_from_key(gateway_key),
-        evaluation=(dataset.x_test, dataset.y_test),
+        evaluation=options.pop("evaluation", (dataset.x_test, dataset.y_test)),
         max_message_bytes=1 << 20,
         clock=clock,
         metrics=metrics,

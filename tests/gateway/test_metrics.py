@@ -49,6 +49,15 @@ def world(tmp_path, task, registry, gateway_key, dataset, device_keys):
     gateway.close()
 
 
+#: The clinical gauges (one value each) -> the clinical metric they export.
+CLINICAL_GAUGES = {
+    "global_model_balanced_accuracy_ratio": "balanced_accuracy",
+    "global_model_auc_ratio": "auc",
+    "global_model_sensitivity_ratio": "sensitivity",
+    "global_model_specificity_ratio": "specificity",
+}
+
+
 def value(prom, name, **labels):
     return prom.get_sample_value(name, labels)
 
@@ -70,6 +79,9 @@ def test_counters_gauges_and_histograms_after_three_rounds(world, task, device_k
     assert value(prom, G + "current_round") == 0
     assert value(prom, G + "last_round_participants") is None  # no round closed yet
     assert value(prom, G + "global_model_accuracy_ratio") is None
+    for clinical in CLINICAL_GAUGES:
+        assert value(prom, G + clinical) is None
+    assert value(prom, G + "global_model_class_recall_ratio", **{"class": "0"}) is None
 
     run_round(gateway, agents, clock, 3.0)
     outsider.publish(update_topic(task.id, "dev-0"), b"garbage")
@@ -93,6 +105,14 @@ def test_counters_gauges_and_histograms_after_three_rounds(world, task, device_k
     assert value(prom, G + "last_round_participants") == 5
     acc = value(prom, G + "global_model_accuracy_ratio")
     assert acc == gateway.results[-1].accuracy and 0.5 < acc <= 1.0
+    clinical = gateway.results[-1].clinical
+    for gauge, key in CLINICAL_GAUGES.items():
+        got = value(prom, G + gauge)
+        assert got == clinical[key] and 0.5 < got <= 1.0, gauge
+    for k in ("0", "1"):
+        got = value(prom, G + "global_model_class_recall_ratio", **{"class": k})
+        assert got == clinical[f"recall_{k}"], k
+    assert value(prom, G + "global_model_class_recall_ratio", **{"class": "2"}) is None
     assert value(prom, G + "devices_registered") == len(device_keys)
     assert value(prom, G + "devices_online") == 2  # the unregistered one is not counted
     assert value(prom, G + "build_info", version="9.9.9") == 1
@@ -119,8 +139,27 @@ def test_no_label_carries_a_device_id(world, task, device_keys):
     for sample in samples:
         assert sample.name.startswith(G), sample.name
         for key, label in sample.labels.items():
-            assert key in ("reason", "version", "le"), sample
+            assert key in ("reason", "version", "le", "class"), sample
             assert not any(d in label for d in devices), sample
+
+
+def test_clinical_gauges_export_only_what_the_last_round_defines(world):
+    _broker, _clock, gateway, _agents, prom = world
+    # a three-class task's last round whose held-out data had no class 1
+    gateway.stats.last_clinical = {
+        "balanced_accuracy": 0.8, "auc": 0.9, "recall_0": 0.7, "recall_2": 0.9,
+    }  # fmt: skip
+    assert value(prom, G + "global_model_balanced_accuracy_ratio") == 0.8
+    assert value(prom, G + "global_model_auc_ratio") == 0.9
+    assert value(prom, G + "global_model_sensitivity_ratio") is None
+    assert value(prom, G + "global_model_specificity_ratio") is None
+    recall = [
+        (s.labels["class"], s.value)
+        for family in prom.collect()
+        if family.name == G + "global_model_class_recall_ratio"
+        for s in family.samples
+    ]
+    assert recall == [("0", 0.7), ("2", 0.9)]
 
 
 def test_a_failed_ledger_append_is_counted_not_timed(world):
@@ -149,7 +188,7 @@ def test_the_registry_refuses_a_second_set_of_gateway_metrics():
 
 
 def test_serve_exposes_the_registry_over_http_until_closed(world):
-    _broker, _clock, gateway, _agents, _prom = world
+    _broker, clock, gateway, agents, _prom = world
     gateway.start()
     metrics = gateway.metrics
     port = metrics.serve(0)
@@ -161,6 +200,18 @@ def test_serve_exposes_the_registry_over_http_until_closed(world):
         body = response.read().decode()
     assert "fedledger_gateway_current_round 0.0" in body
     assert 'fedledger_gateway_updates_rejected_total{reason="replayed"} 0.0' in body
+    # before a round closes the clinical gauges are declared, without a value
+    assert "# TYPE fedledger_gateway_global_model_auc_ratio gauge" in body
+    assert "\nfedledger_gateway_global_model_auc_ratio " not in body
+    run_round(gateway, agents, clock, 1.0)
+    with urllib.request.urlopen(url, timeout=5) as response:
+        body = response.read().decode()
+    clinical = gateway.results[0].clinical
+    for gauge, key in CLINICAL_GAUGES.items():
+        assert f"\nfedledger_gateway_{gauge} {clinical[key]!r}\n" in body, gauge
+    for k in (0, 1):
+        line = f'fedledger_gateway_global_model_class_recall_ratio{{class="{k}"}} '
+        assert f"\n{line}{clinical[f'recall_{k}']!r}\n" in body, k
     gateway.close()  # closing the gateway stops the endpoint
     assert metrics.port is None
     with pytest.raises(OSError):

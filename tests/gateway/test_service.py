@@ -41,6 +41,19 @@ def test_all_rounds_close_and_are_anchored(world, task, device_keys):
     report = gateway.ledger.verify(replay=True, store=gateway.store)
     assert report.ok, report.problem
     assert report.checked_models == 3 and report.checked_updates == 15
+    # Beside accuracy, each round carries its clinical metrics: in the result the gateway
+    # keeps, and (rounded to 6 decimals) in the round's ledger record.
+    clinical = {"balanced_accuracy", "auc", "sensitivity", "specificity", "recall_0", "recall_1"}
+    for result, record in zip(gateway.results, rounds, strict=True):
+        assert set(result.clinical) == clinical
+        assert all(0.0 <= v <= 1.0 for v in result.clinical.values())
+        assert record["metrics"]["accuracy"] == round(result.accuracy, 6)
+        for name, value in result.clinical.items():
+            assert record["metrics"][name] == round(value, 6), name
+    last = gateway.results[-1].clinical
+    assert last["auc"] > 0.9 and last["sensitivity"] > 0.8 and last["specificity"] > 0.8
+    assert last["balanced_accuracy"] == pytest.approx((last["recall_0"] + last["recall_1"]) / 2)
+    assert gateway.stats.last_clinical == last
 
 
 def test_deadline_closes_a_round_with_the_updates_that_arrived(world):
@@ -195,6 +208,35 @@ def test_robust_rules_aggregate_and_are_recorded(
     last = gateway.ledger.evaluate("GetRound", task.id, 2, identity=admin)
     assert last["aggregation"] == rule
     assert last["metrics"]["updates_dropped"] == 0.0
+    assert gateway.ledger.verify(replay=True, store=gateway.store).ok
+
+
+@pytest.mark.parametrize("held_out", ["none", "ill only"])
+def test_metrics_the_held_out_data_cannot_define_are_left_out_of_the_record(
+    tmp_path, task, registry, gateway_key, dataset, device_keys, held_out
+):
+    ill = dataset.y_test == 1
+    evaluation = None if held_out == "none" else (dataset.x_test[ill], dataset.y_test[ill])
+    broker = InMemoryBroker()
+    gateway = make_gateway(
+        tmp_path, task, registry, gateway_key, dataset, broker, Clock(), evaluation=evaluation
+    )
+    agents = make_agents(task, device_keys, gateway_key, dataset, broker)
+    gateway.connect()
+    gateway.start()
+    for _ in range(10):
+        pump(gateway, agents)
+    assert gateway.finished
+    admin = Identity(msp_id="org1", subject="admin", role="admin")
+    record = gateway.ledger.evaluate("GetRound", task.id, 2, identity=admin)["metrics"]
+    result = gateway.results[-1]
+    if held_out == "none":
+        assert result.accuracy is None and result.clinical == {}
+        assert record == {}
+    else:  # no healthy patient: no specificity, no recall of class 0, no AUC
+        assert set(result.clinical) == {"balanced_accuracy", "sensitivity", "recall_1"}
+        assert set(record) == {"accuracy", "balanced_accuracy", "sensitivity", "recall_1"}
+        assert record["sensitivity"] == round(result.accuracy, 6)
     assert gateway.ledger.verify(replay=True, store=gateway.store).ok
 
 

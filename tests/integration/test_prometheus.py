@@ -234,6 +234,13 @@ def check_series(prom: Prometheus, devices: list[str]) -> None:
     assert one(g + "devices_registered") == DEVICES
     assert one(g + "devices_online") == DEVICES
     assert 0.5 < one(g + "global_model_accuracy_ratio") <= 1
+    assert 0.5 < one(g + "global_model_balanced_accuracy_ratio") <= 1
+    assert 0.5 < one(g + "global_model_auc_ratio") <= 1
+    assert 0 <= one(g + "global_model_sensitivity_ratio") <= 1
+    assert 0 <= one(g + "global_model_specificity_ratio") <= 1
+    recall = prom.wait_for(g + "global_model_class_recall_ratio", end=end)
+    assert sorted(s["metric"]["class"] for s in recall) == ["0", "1"]
+    assert all(0 <= v <= 1 for v in values(recall))
     info = prom.wait_for(g + "build_info", end=end)
     assert [s["metric"]["version"] for s in info] == [version] and values(info) == [1]
 
@@ -250,5 +257,5 @@ def check_series(prom: Prometheus, devices: list[str]) -> None:
     assert len(every) > 60
     for series in every:
         labels = {k: v for k, v in series["metric"].items() if k != "__name__"}
-        assert set(labels) <= {"instance", "job", "le", "reason", "version"}, series
+        assert set(labels) <= {"instance", "job", "le", "reason", "version", "class"}, series
         assert not any(d in v for d in devices for v in labels.values()), series
