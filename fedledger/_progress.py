@@ -68,7 +68,7 @@ class RoundTable:
             table.add_column(name, justify="right")
         for r in self.rows:
             table.add_row(
-                str(r.round + 1),
+                str(r.round),
                 f"{r.participants}/{self.devices}",
                 _percent(r.accuracy),
                 *(_clinical(r.clinical, key, percent) for key, _, percent in shown),
@@ -112,7 +112,7 @@ class RoundTable:
                 if key in result.clinical
             )
             self.console.print(
-                f"round {result.round + 1:>3}  participants {result.participants}/{self.devices}"
+                f"round {result.round:>3}  participants {result.participants}/{self.devices}"
                 f"  accuracy {_percent(result.accuracy)}{clinical}"
                 f"  bytes {result.bytes_received:,}  rejected {result.rejected}"
                 f"  {result.duration_s:.2f}s"

@@ -38,7 +38,8 @@ app.add_typer(gateway_app, name="gateway")
 app.add_typer(ledger_app, name="ledger")
 app.add_typer(bench_app, name="bench")
 
-console = Console()
+#: Output that is not a terminal (a pipe, a file, CI logs) gets 100 columns, not rich's 80.
+console = Console(width=None if sys.stdout.isatty() else 100)
 err = Console(stderr=True)
 
 LogLevel = Annotated[
@@ -369,11 +370,18 @@ def gateway_status(
         raise typer.Exit(1)
 
 
+def _iso(when: float | None) -> str:
+    """A unix time as ISO-8601 UTC for tables (JSON output keeps the number)."""
+    if when is None:
+        return ""
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(when))
+
+
 def _status_text(s: dict) -> str:
     lines = [f"task {s['task']}: {s['closed_rounds']} closed rounds"]
     opened = s["open_round"]
     if opened is not None:
-        when = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(opened["deadline"]))
+        when = _iso(opened["deadline"])
         lines.append(
             f"  open: round {opened['round']}, {opened['updates']} updates, deadline {when}"
         )
@@ -612,31 +620,66 @@ def _evaluate(db: Path | None, profile: Path | None, fn: str, *args):
 
 @ledger_app.command("history")
 def ledger_history(
-    model_hash: Annotated[str, typer.Argument(help="A global model's hash (SHA-256 hex).")],
+    model_hash: Annotated[
+        str,
+        typer.Argument(
+            help="A global model's hash (SHA-256 hex), or a unique prefix of it (6+ digits)."
+        ),
+    ],
     db: Annotated[Path | None, typer.Option("--db", help="Embedded ledger file (SQLite).")] = None,
     profile: ProfileOption = None,
     task: Annotated[str | None, typer.Option(help="The task, when the hash is in several.")] = None,
+    wide: Annotated[
+        bool, typer.Option("--wide", help="Full model hashes and every metric of each round.")
+    ] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
 ) -> None:
-    """The lineage of a global model: every round that built it, back to the initial model."""
+    """The lineage of a global model: every round that built it, back to the initial model.
+
+    The table shows each round's model by a 12-digit prefix (any unique prefix of 6 or more
+    digits is accepted wherever a model hash is asked for) and its headline metrics; --wide
+    shows full hashes and every metric, --json everything."""
     from rich.table import Table
 
     history = _evaluate(db, profile, "GetHistory", model_hash, task)
     if as_json:
         sys.stdout.write(json.dumps(history, indent=2) + "\n")
         return
+    if wide:  # a block per round: full hashes do not fit a table row
+        console.print(
+            f"task {history['task']}: lineage of {history['model']}",
+            highlight=False,
+            soft_wrap=True,
+        )
+        for r in history["rounds"]:
+            metrics = ", ".join(f"{k} {v:.4g}" for k, v in sorted((r.get("metrics") or {}).items()))
+            for line in (
+                f"round {r['round']}  committed {_iso(r.get('committed_at'))}"
+                f"  devices {len(r.get('contributors') or [])}  samples {r.get('samples', '')}",
+                f"  global model {r['global_model']}",
+                f"  base model   {r['base_model']}",
+                f"  metrics      {metrics}",
+            ):
+                console.print(line, highlight=False, soft_wrap=True)
+        console.print(f"initial model {history['initial_model']}", highlight=False)
+        return
     table = Table(title=f"task {history['task']}: lineage of {history['model'][:16]}")
-    for column in ("round", "base model", "global model", "contributors", "samples", "metrics"):
-        table.add_column(column, no_wrap=True)
+    headline = ("accuracy", "balanced_accuracy", "auc")
+    titles = {"accuracy": "accuracy", "balanced_accuracy": "bal. acc.", "auc": "AUC"}
+    for column in ("round", "committed (UTC)", "global model", "devices", "samples"):
+        justify = "left" if column == "global model" else "right"
+        table.add_column(column, no_wrap=True, justify=justify)
+    for key in headline:
+        table.add_column(titles[key], no_wrap=True, justify="right")
     for r in history["rounds"]:
-        metrics = ", ".join(f"{k} {v:.4g}" for k, v in sorted((r.get("metrics") or {}).items()))
+        metrics = r.get("metrics") or {}
         table.add_row(
             str(r["round"]),
-            r["base_model"][:12],
+            _iso(r.get("committed_at")),
             r["global_model"][:12],
             str(len(r.get("contributors") or [])),
             str(r.get("samples", "")),
-            metrics,
+            *("-" if metrics.get(k) is None else f"{metrics[k]:.4f}" for k in headline),
         )
     console.print(table)
     console.print(f"initial model {history['initial_model']}", highlight=False)
@@ -1116,7 +1159,10 @@ def model_export(
         Path | None, typer.Option(help="A gateway's store (gateway.sqlite), with --hash.")
     ] = None,
     hash_: Annotated[
-        str | None, typer.Option("--hash", help="The global model's hash in --store.")
+        str | None,
+        typer.Option(
+            "--hash", help="The global model's hash in --store, or a unique prefix (6+ digits)."
+        ),
     ] = None,
     per_tensor: Annotated[
         bool, typer.Option(help="One int8 scale per tensor (default: per output channel).")
@@ -1139,11 +1185,20 @@ def model_export(
     else:
         db = UpdateStore.open_readonly(store)
         try:
-            payload = db.get_model(hash_)
+            found = db.find_models(hash_.lower()) if len(hash_) >= 6 else []
+            if len(found) > 1:
+                shown = ", ".join(h[:16] for h in found)
+                raise typer.BadParameter(
+                    f"{hash_} is ambiguous in {store}: {shown}", param_hint="--hash"
+                )
+            payload = db.get_model(found[0]) if found else None
         finally:
             db.close()
         if payload is None:
-            raise typer.BadParameter(f"model {hash_} is not in {store}", param_hint="--hash")
+            raise typer.BadParameter(
+                f"no model in {store} starts with {hash_} (give at least 6 hex digits)",
+                param_hint="--hash",
+            )
         params = decode_tensors(payload)
     path = export_model(spec, params, out, fmt=fmt.value, per_channel=not per_tensor)
     result = {

@@ -233,6 +233,16 @@ class UpdateStore:
             [("INSERT OR IGNORE INTO models VALUES (?, ?, ?)", (model_hash, round_, payload))]
         )
 
+    def find_models(self, prefix: str) -> list[str]:
+        """The stored models' hashes starting with ``prefix`` (hex), sorted (at most 10)."""
+        if not prefix or not set(prefix) <= set("0123456789abcdef"):
+            return []
+        rows = self._db.execute(
+            "SELECT hash FROM models WHERE hash >= ? AND hash < ? ORDER BY hash LIMIT 10",
+            (prefix, prefix + "g"),
+        ).fetchall()
+        return [str(r[0]) for r in rows]
+
     def get_model(self, model_hash: str) -> bytes | None:
         row = self._db.execute(
             "SELECT payload FROM models WHERE hash = ?", (model_hash,)

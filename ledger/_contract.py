@@ -196,6 +196,36 @@ def _hex64(value: Any, name: str) -> str:
     return value
 
 
+#: The shortest model hash prefix ``GetHistory`` resolves (as ``git`` takes abbreviated ids).
+MIN_HASH_PREFIX = 6
+_HEX_PREFIX = re.compile(rf"[0-9a-f]{{{MIN_HASH_PREFIX},64}}")
+
+
+def _resolve_model(ctx: TxContext, value: Any, task_id: str | None) -> str:
+    """A full model hash from ``value``: the hash itself, or a unique prefix of one recorded
+    (in ``task_id``'s models when given)."""
+    if not isinstance(value, str) or not _HEX_PREFIX.fullmatch(value):
+        raise _invalid(
+            "model_hash",
+            f"{_show(value)} is not a SHA-256 hex digest or a prefix of one"
+            f" ({MIN_HASH_PREFIX} to 64 lowercase hex)",
+        )
+    if len(value) == 64:
+        return value
+    found = set()
+    for key, _ in ctx.get_state_by_prefix(f"model/{value}"):
+        _, full, task = key.split("/", 2)
+        if task_id is None or task == task_id:
+            found.add(full)
+    if not found:
+        where = "" if task_id is None else f" in task {task_id}"
+        raise ContractError("not_found", f"no model starts with {value}{where}")
+    if len(found) > 1:
+        shown = ", ".join(sorted(h[:16] for h in found))
+        raise ContractError("conflict", f"model prefix {value} is ambiguous: {shown}")
+    return found.pop()
+
+
 def _token(value: Any, name: str) -> str:
     if not isinstance(value, str) or not _TOKEN.fullmatch(value):
         raise _invalid(name, f"{_show(value)} is not a code (lowercase letters, digits, '_')")
@@ -900,16 +930,17 @@ class FedLedgerContract:
     @staticmethod
     @evaluate
     def GetHistory(ctx: TxContext, model_hash: str, task_id: str | None = None) -> dict[str, Any]:
-        """The lineage of ``model_hash``: the rounds that built it, newest first.
+        """The lineage of ``model_hash`` (or a unique prefix of it, at least
+        :data:`MIN_HASH_PREFIX` hex digits): the rounds that built it, newest first.
 
         ``{"model", "task", "initial_model", "rounds": [...]}``; ``rounds`` is empty for a
         task's initial model. The same hash can sit in several tasks (two tasks started from
         the same initial model); then ``task_id`` must say which one.
         """
         _caller(ctx)
-        _hex64(model_hash, "model_hash")
         if task_id is not None:
             _identifier(task_id, "task_id")
+        model_hash = _resolve_model(ctx, model_hash, task_id)
         if task_id is None:
             found = {
                 key.rsplit("/", 1)[1]: json.loads(value)

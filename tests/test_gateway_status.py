@@ -34,6 +34,8 @@ def test_status_names_the_quorum_and_a_round_stalled_below_it(tmp_path):
     waiting = _status(layout.gateway_config)
     assert waiting.returncode == 0, waiting.stderr
     assert "quorum: 3 of 4 registered devices" in waiting.stdout
+    expected = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(now + 600))
+    assert f"deadline {expected}" in waiting.stdout  # ISO-8601 UTC in text, a number in JSON
     assert "stalled" not in waiting.stdout  # its deadline has not passed
     store = UpdateStore(layout.store)
     store.open_round(task.id, 0, "0" * 64, now - 60, now - 5)

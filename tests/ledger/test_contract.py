@@ -356,6 +356,27 @@ def test_a_round_without_contributors_keeps_its_model(led):
     assert [r["round"] for r in led.evaluate(AUDITOR, "GetHistory", M[1])["rounds"]] == [1, 0]
 
 
+def test_history_takes_a_unique_prefix_of_a_model_hash(led):
+    x, y = "abcdef" + "1" * 58, "abcdef" + "2" * 58
+    led.submit(GATEWAY, "OpenRound", "t1", 0, M[0], 2_000)
+    led.submit(GATEWAY, "RecordUpdates", "t1", 0, [rec("dev-1")])
+    led.submit(GATEWAY, "CommitRound", "t1", 0, x, "fedavg", ["dev-1"], {})
+    led.submit(GATEWAY, "OpenRound", "t1", 1, x, 2_000)
+    led.submit(GATEWAY, "RecordUpdates", "t1", 1, [rec("dev-1")])
+    led.submit(GATEWAY, "CommitRound", "t1", 1, y, "fedavg", ["dev-1"], {})
+    assert led.evaluate(AUDITOR, "GetHistory", "abcdef1")["model"] == x
+    assert [r["round"] for r in led.evaluate(AUDITOR, "GetHistory", "abcdef2", "t1")["rounds"]] == [
+        1,
+        0,
+    ]
+    err = led.refused("conflict", AUDITOR, "GetHistory", "abcdef")
+    assert "ambiguous" in err.message and "abcdef1111111111" in err.message
+    led.refused("not_found", AUDITOR, "GetHistory", M[4][:10])
+    led.refused("not_found", AUDITOR, "GetHistory", "abcdef1", "t9")
+    err = led.refused("invalid_argument", AUDITOR, "GetHistory", "abcde")
+    assert "prefix" in err.message
+
+
 def test_history_of_a_model_shared_by_two_tasks_needs_the_task(led):
     led.submit(ADMIN2, "CreateTask", "t2", "Org2MSP", "gw@org2", SPEC, "fedavg", {}, M[0])
     err = led.refused("conflict", AUDITOR, "GetHistory", M[0])
