@@ -9,7 +9,7 @@ STAMP := $(VENV)/.fedledger-installed
 DEMO_ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: demo test test-crash test-provision provision-tools setup broker prometheus lint bench dashboards clean help
+.PHONY: demo test test-crash test-provision provision-tools setup broker prometheus lint bench dashboards reference clean help
 
 help:
 	@echo "make demo    set everything up and run a federated training on this machine"
@@ -19,6 +19,7 @@ help:
 	@echo "make bench   print the benchmark figures as JSON"
 	@echo "make lint    ruff over the tree"
 	@echo "make dashboards  regenerate monitoring/dashboards/*.json from monitoring/dashboards.py"
+	@echo "make reference  regenerate docs/configuration.md from the config models"
 
 demo: setup broker
 	$(BIN)/fedledger demo $(DEMO_ARGS)
@@ -60,6 +61,10 @@ bench: setup broker
 # The Grafana dashboards are code (monitoring/dashboards.py); the JSON is committed.
 dashboards: setup
 	$(BIN)/python -m monitoring.dashboards --out monitoring/dashboards
+
+# The configuration reference is generated from the config models; the Markdown is committed.
+reference: setup
+	$(BIN)/fedledger config reference --out docs/configuration.md
 
 setup: $(STAMP)
 

@@ -15,16 +15,30 @@ class SignalSection(StrictModel):
     """``agent.data`` is a sensor signal (one row per time step) that the agent cuts into
     sliding windows, streaming the file (``fedcore.load_signal_windows``)."""
 
-    #: Per-step labels (``.npy``) of a ``.npy`` signal; a ``.csv`` signal has its label last.
-    labels: Path | None = None
-    #: Steps per window; unset: the task's cnn1d window (required for other model kinds).
-    window: Annotated[int, Field(ge=1)] | None = None
-    #: Steps between the starts of consecutive windows; unset: half a window.
-    stride: Annotated[int, Field(ge=1)] | None = None
-    #: A window's label: its last step's (``last``) or its most frequent one (``majority``).
-    label: Literal["last", "majority"] = "last"
-    #: Keep only the most recent windows, so memory does not grow with the recording.
-    max_windows: Annotated[int, Field(ge=1)] | None = None
+    labels: Path | None = Field(
+        None,
+        description="Per-step labels (`.npy`) of a `.npy` signal; a `.csv` signal has its"
+        " label in the last column.",
+    )
+    window: Annotated[int, Field(ge=1)] | None = Field(
+        None,
+        description="Time steps per window; unset: the task's cnn1d `window` (required for"
+        " the other model kinds).",
+    )
+    stride: Annotated[int, Field(ge=1)] | None = Field(
+        None,
+        description="Time steps between the starts of consecutive windows; unset: half a window.",
+    )
+    label: Literal["last", "majority"] = Field(
+        "last",
+        description="A window's label: that of its last step (`last`) or its most frequent"
+        " one (`majority`).",
+    )
+    max_windows: Annotated[int, Field(ge=1)] | None = Field(
+        None,
+        description="Keep only this many of the most recent windows, so memory does not grow"
+        " with the recording; unset: all.",
+    )
 
     @field_validator("labels", mode="before")
     @classmethod
@@ -33,41 +47,68 @@ class SignalSection(StrictModel):
 
 
 class AgentSection(StrictModel):
-    #: This device's id: its MQTT client id, update topic and registry entry.
-    device: str
-    #: The private key (PEM) the device signs its updates with: Ed25519, or the EC P-256 key
-    #: of ``certificate``.
-    key: Path
-    #: The device's certificate from the organisation CA (PEM, CN = ``device``): updates are
-    #: then signed with its key (ECDSA) and carry it, so the gateway checks it against the CA.
-    certificate: Path | None = None
-    #: The task spec shared with the gateway.
-    task: Path
-    #: Local data: ``.npz`` with arrays ``x`` and ``y``, or ``.csv`` with the label last; with
-    #: ``[agent.signal]``, a sensor signal (``.csv``, or ``.npy`` plus labels) to window.
-    data: Path
-    signal: SignalSection | None = None
-    #: The gateway's public key (base64): global models signed by anyone else are ignored.
-    gateway_public_key: str
-    #: The gateway's X25519 public key (base64, ``fedledger pki x25519``): when set, update
-    #: payloads are sealed to it, so the broker never sees their contents.
-    gateway_encryption_key: str | None = None
-    #: Where the agent keeps its update counter and last trained round across restarts.
-    state: Path
-    #: Leave once the gateway announces the task's final model.
-    exit_on_final: bool = False
-    #: The board's class (a file from ``firmware_configs/``): codec, epochs, batch size and
-    #: the memory and model-size budget a task must fit.
-    device_class: Path | None = None
-    #: Serve Prometheus metrics at ``http://metrics_host:metrics_port/metrics``; unset: not served.
-    #: 0 picks a free port.
-    metrics_port: Annotated[int, Field(ge=0, le=65535)] | None = None
-    #: The address the metrics endpoint listens on; loopback unless a scraper needs more.
-    metrics_host: str = "127.0.0.1"
-    #: While the gateway still publishes the model of the round this device last sent an
-    #: update for, send that update again this often (seconds): a copy the gateway has is
-    #: dropped, one it never got (lost with a broker killed before it saved) now counts.
-    resend_seconds: Annotated[float, Field(gt=0)] = 30.0
+    device: str = Field(
+        description="This device's id: its MQTT client id, its update topic and its entry in"
+        " the gateway's registry."
+    )
+    key: Path = Field(
+        description="The private key (PEM) the device signs its updates with: Ed25519, or the"
+        " EC P-256 key of `certificate`."
+    )
+    certificate: Path | None = Field(
+        None,
+        description="The device's certificate from the organisation CA (PEM, CN = `device`):"
+        " updates are then signed with its key (ECDSA) and carry it, so the gateway checks it"
+        " against the CA.",
+    )
+    task: Path = Field(description="The task spec (`task.toml`) shared with the gateway.")
+    data: Path = Field(
+        description="Local data: `.npz` with arrays `x` and `y`, or `.csv` (label last, or by"
+        " column name with the task's `[columns]`); with `[agent.signal]`, a sensor signal"
+        " (`.csv`, or `.npy` plus labels) to cut into windows."
+    )
+    signal: SignalSection | None = Field(
+        None,
+        description="Present: `data` is a sensor signal, one row per time step, that the"
+        " agent cuts into sliding windows while streaming the file.",
+    )
+    gateway_public_key: str = Field(
+        description="The gateway's Ed25519 public key (base64): global models signed by"
+        " anyone else are ignored."
+    )
+    gateway_encryption_key: str | None = Field(
+        None,
+        description="The gateway's X25519 public key (base64, `fedledger pki x25519`): when"
+        " set, update payloads are sealed to it, so the broker never sees their contents.",
+    )
+    state: Path = Field(
+        description="File where the agent keeps its update counter, last trained round and"
+        " unacknowledged update across restarts."
+    )
+    exit_on_final: bool = Field(
+        False, description="Exit once the gateway announces the task's final model."
+    )
+    device_class: Path | None = Field(
+        None,
+        description="The board's class (a file from `firmware_configs/`): codec, epochs,"
+        " batch size, and the memory and model-size budget a task must fit.",
+    )
+    metrics_port: Annotated[int, Field(ge=0, le=65535)] | None = Field(
+        None,
+        description="Serve Prometheus metrics at `http://metrics_host:metrics_port/metrics`;"
+        " 0 picks a free port; unset: not served.",
+    )
+    metrics_host: str = Field(
+        "127.0.0.1",
+        description="The address the metrics endpoint listens on; loopback unless a scraper"
+        " elsewhere needs it.",
+    )
+    resend_seconds: Annotated[float, Field(gt=0)] = Field(
+        30.0,
+        description="Seconds between resends of this device's last update while the gateway"
+        " still publishes that round's model: a copy it has is dropped, one it never got"
+        " (lost with a broker that died) now counts.",
+    )
 
     @field_validator("key", "certificate", "task", "data", "state", "device_class", mode="before")
     @classmethod
@@ -76,8 +117,12 @@ class AgentSection(StrictModel):
 
 
 class AgentConfig(StrictModel):
-    agent: AgentSection
-    broker: BrokerSection = BrokerSection()
+    agent: AgentSection = Field(
+        description="The device: its identity and keys, its data, and the gateway it trusts."
+    )
+    broker: BrokerSection = Field(
+        BrokerSection(), description="The MQTT broker the device reaches its gateway through."
+    )
 
 
 def load_agent_config(path: str | os.PathLike[str]) -> AgentConfig:

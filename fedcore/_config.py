@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import sys
+import types
+import typing
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, ClassVar, TypeVar
@@ -33,14 +35,33 @@ class BrokerSection(StrictModel):
     #: The environment variable that overrides ``host`` and ``port`` (``host:port``).
     ENV: ClassVar[str] = "FEDLEDGER_BROKER"
 
-    host: str = "127.0.0.1"
-    port: Annotated[int, Field(ge=1, le=65535)] = 1883
-    keepalive: Annotated[int, Field(ge=5, le=3600)] = 30
-    #: Mutual TLS (``fedledger pki``): the CA the broker's certificate chains to, and this
-    #: client's certificate and key. Setting them switches TLS on.
-    tls_ca: Path | None = None
-    tls_cert: Path | None = None
-    tls_key: Path | None = None
+    host: str = Field(
+        "127.0.0.1",
+        description="Host name or IP address of the MQTT broker; `--broker` or"
+        " `$FEDLEDGER_BROKER` (`host:port`) override it and `port`.",
+    )
+    port: Annotated[int, Field(ge=1, le=65535)] = Field(
+        1883, description="TCP port of the MQTT broker (usually 1883 plain, 8883 with TLS)."
+    )
+    keepalive: Annotated[int, Field(ge=5, le=3600)] = Field(
+        30,
+        description="Seconds between MQTT keepalive pings when nothing else is sent; the"
+        " broker drops a client silent for 1.5 times as long.",
+    )
+    tls_ca: Path | None = Field(
+        None,
+        description="CA certificate (PEM) the broker's certificate must chain to"
+        " (`fedledger pki`); setting any `tls_*` key switches mutual TLS on, and without"
+        " this one the system's CAs are trusted.",
+    )
+    tls_cert: Path | None = Field(
+        None,
+        description="This client's certificate (PEM) from the organisation CA; its CN is the"
+        " identity the broker's ACL uses. Goes with `tls_key`.",
+    )
+    tls_key: Path | None = Field(
+        None, description="Private key (PEM, unencrypted) of `tls_cert`; keep it mode 0600."
+    )
 
     @field_validator("tls_ca", "tls_cert", "tls_key", mode="before")
     @classmethod
@@ -132,11 +153,24 @@ def _describe(error: Any, model: type[BaseModel]) -> tuple[str | None, str]:
 def _allowed_keys(model: type[BaseModel], loc: tuple) -> list[str]:
     current: Any = model
     for part in loc:
+        current = _optional(current)
+        if typing.get_origin(current) is dict:  # a table of sections by name: one of them
+            current = typing.get_args(current)[1]
+            continue
         field = getattr(current, "model_fields", {}).get(part)
         if field is None:
             return []
         current = field.annotation
-    return sorted(getattr(current, "model_fields", {}))
+    return sorted(getattr(_optional(current), "model_fields", {}))
+
+
+def _optional(annotation: Any) -> Any:
+    """``X`` of ``X | None`` (an optional section), else ``annotation``."""
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        members = [a for a in typing.get_args(annotation) if a is not type(None)]
+        if len(members) == 1:
+            return members[0]
+    return annotation
 
 
 def resolve_path(value: str | Path, info: Any) -> Path:

@@ -43,27 +43,47 @@ class DeviceBudgetError(ConfigError):
 class DeviceClass(StrictModel):
     """One kind of board. Field order matters: later checks read earlier fields."""
 
-    #: The class's id; must equal the file's name without ``.toml``.
-    name: Identifier
-    description: str = ""
-    #: RAM the board has in total (MiB), for the operating system and everything else.
-    memory_mb: Annotated[int, Field(ge=64)]
-    #: Peak resident memory the agent may use during a training round (MiB).
-    memory_budget_mb: Annotated[int, Field(ge=16)]
-    #: CPU cores the agent may keep busy.
-    cpu_cores: Annotated[int, Field(ge=1, le=1024)]
-    #: Largest model (parameter count) the agent accepts.
-    max_model_params: Annotated[int, Field(ge=1)]
-    #: Largest float32 model payload (bytes) the agent accepts: what it downloads and holds.
-    max_model_bytes: Annotated[int, Field(ge=1)]
-    #: The update codec this class sends with.
-    codec: CodecName
-    #: Share of each tensor a ``topk-*`` codec keeps; required for those, refused otherwise.
-    topk_fraction: Annotated[float, Field(gt=0, le=1)] | None = Field(
-        default=None, validate_default=True
+    name: Identifier = Field(
+        description="The class's id; must equal the file's name without `.toml`."
     )
-    local_epochs: Annotated[int, Field(ge=1, le=1000)]
-    batch_size: Annotated[int, Field(ge=1, le=65536)]
+    description: str = Field("", description="The board, in words, for people.")
+    memory_mb: Annotated[int, Field(ge=64)] = Field(
+        description="RAM the board has in total, in MiB, for the operating system and"
+        " everything else."
+    )
+    memory_budget_mb: Annotated[int, Field(ge=16)] = Field(
+        description="Peak resident memory the agent may use during a training round, in MiB"
+        " (at most `memory_mb`; provisioning makes it the service's `MemoryMax`)."
+    )
+    cpu_cores: Annotated[int, Field(ge=1, le=1024)] = Field(
+        description="CPU cores the agent may keep busy (provisioning makes it the service's"
+        " `CPUQuota`)."
+    )
+    max_model_params: Annotated[int, Field(ge=1)] = Field(
+        description="Largest model the agent accepts, in parameters; a task over it is"
+        " refused before anything is downloaded."
+    )
+    max_model_bytes: Annotated[int, Field(ge=1)] = Field(
+        description="Largest float32 model payload the agent accepts, in bytes: what it"
+        " downloads and holds (at most `memory_budget_mb`)."
+    )
+    codec: CodecName = Field(
+        description="The update codec devices of this class send with (instead of the"
+        " task's `codec`)."
+    )
+    topk_fraction: Annotated[float, Field(gt=0, le=1)] | None = Field(
+        default=None,
+        validate_default=True,
+        description="Share of each tensor's values a `topk-*` codec keeps; required for"
+        " those codecs, refused with the others.",
+    )
+    local_epochs: Annotated[int, Field(ge=1, le=1000)] = Field(
+        description="Passes over the local data per round (instead of the task's"
+        " `training.epochs`)."
+    )
+    batch_size: Annotated[int, Field(ge=1, le=65536)] = Field(
+        description="Samples per local SGD step (instead of the task's `training.batch_size`)."
+    )
 
     @field_validator("memory_budget_mb")
     @classmethod

@@ -39,21 +39,33 @@ DP_METRICS = ("dp_noise_multiplier", "dp_clip", "dp_sampling_rate", "dp_noised",
 class DPSection(StrictModel):
     """``[dp]`` of a task: central differential privacy at the level of a device."""
 
-    #: z: the Gaussian noise added to the sum of clipped updates has std ``z * clip``.
-    noise_multiplier: Annotated[float, Field(gt=0, le=100)]
-    #: C: every update (the model delta) is clipped to this L2 norm, on the device and
-    #: again at the gateway.
-    clip: Annotated[float, Field(gt=0, le=1e6)]
-    #: The delta of the (epsilon, delta) guarantee.
-    target_delta: Annotated[float, Field(gt=0, lt=1)] = 1e-5
-    #: A round that would take epsilon above this is not opened; the task ends.
-    budget_epsilon: Annotated[float, Field(gt=0, le=1000)]
-    #: q: each device takes part in a round with this probability (Poisson sampling, drawn
-    #: from the gateway's secret seed); 1: every device, every round (no amplification).
-    sampling: Annotated[float, Field(gt=0, le=1)] = 1.0
-    #: SHA-256 (hex) of the gateway's sampling seed, required when ``sampling < 1``: the
-    #: seed is committed with the task and revealed on the ledger when the task ends.
-    seed_sha256: Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")] | None = None
+    noise_multiplier: Annotated[float, Field(gt=0, le=100)] = Field(
+        description="z: the Gaussian noise added to the sum of clipped updates has standard"
+        " deviation `z * clip`."
+    )
+    clip: Annotated[float, Field(gt=0, le=1e6)] = Field(
+        description="C: every update (the model delta) is clipped to this L2 norm, on the"
+        " device and again at the gateway."
+    )
+    target_delta: Annotated[float, Field(gt=0, lt=1)] = Field(
+        1e-5, description="The delta of the (epsilon, delta) guarantee."
+    )
+    budget_epsilon: Annotated[float, Field(gt=0, le=1000)] = Field(
+        description="The privacy budget: a round that would take epsilon above it is not"
+        " opened, and the task ends."
+    )
+    sampling: Annotated[float, Field(gt=0, le=1)] = Field(
+        1.0,
+        description="q: the probability that a device takes part in a round (Poisson"
+        " sampling, drawn from the gateway's secret seed); 1: every device, every round (no"
+        " amplification).",
+    )
+    seed_sha256: Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")] | None = Field(
+        None,
+        description="SHA-256 (hex) of the gateway's sampling seed (`fedledger pki dp-seed`),"
+        " required when `sampling < 1`: committed with the task, the seed itself is revealed"
+        " on the ledger when the task ends.",
+    )
 
     @model_validator(mode="after")
     def _seed_when_sampled(self):

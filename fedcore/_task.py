@@ -25,36 +25,73 @@ Identifier = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")]
 
 
 class ModelSection(StrictModel):
-    kind: Literal["logreg", "mlp", "cnn1d"]
-    #: Input width; for cnn1d ``window * channels`` (a window flattened row-major).
-    n_features: Annotated[int, Field(ge=1)]
-    n_classes: Annotated[int, Field(ge=2)]
-    #: Hidden units of the mlp (unused by the other kinds).
-    hidden: Annotated[int, Field(ge=1)] = 16
-    #: One value per feature (for cnn1d also: one per channel).
-    feature_mean: list[float] = Field(default_factory=list)
-    feature_scale: list[float] = Field(default_factory=list)
-    init_seed: int = 0
-    #: cnn1d only: time steps per window, signal channels, convolution filters and their
-    #: length in time steps (filters default to 8, kernel to 5).
-    window: Annotated[int, Field(ge=1)] | None = None
-    channels: Annotated[int, Field(ge=1)] | None = None
-    filters: Annotated[int, Field(ge=1, le=1024)] | None = None
-    kernel: Annotated[int, Field(ge=1)] | None = None
+    kind: Literal["logreg", "mlp", "cnn1d"] = Field(
+        description="The model: multinomial logistic regression, a one-hidden-layer"
+        " perceptron, or a 1-D convolutional network over windows of a sensor signal."
+    )
+    n_features: Annotated[int, Field(ge=1)] = Field(
+        description="Input width: values per sample; for cnn1d `window * channels` (a window"
+        " flattened row by row)."
+    )
+    n_classes: Annotated[int, Field(ge=2)] = Field(description="Output classes of the model.")
+    hidden: Annotated[int, Field(ge=1)] = Field(
+        16, description="Hidden units of the mlp (unused by the other kinds)."
+    )
+    feature_mean: list[float] = Field(
+        default_factory=list,
+        description="Inputs are standardized inside the model as `(x - mean) / scale`: one"
+        " mean per feature (for cnn1d also: one per channel); empty: no standardization.",
+    )
+    feature_scale: list[float] = Field(
+        default_factory=list,
+        description="The scale of that standardization, as many values as `feature_mean`.",
+    )
+    init_seed: int = Field(
+        0, description="Seeds the initial model, so every party derives the same round 0."
+    )
+    window: Annotated[int, Field(ge=1)] | None = Field(
+        None, description="cnn1d only (required there): time steps per window."
+    )
+    channels: Annotated[int, Field(ge=1)] | None = Field(
+        None, description="cnn1d only (required there): signal channels per time step."
+    )
+    filters: Annotated[int, Field(ge=1, le=1024)] | None = Field(
+        None, description="cnn1d only: convolution filters; unset: 8."
+    )
+    kernel: Annotated[int, Field(ge=1)] | None = Field(
+        None,
+        description="cnn1d only: length of each convolution filter in time steps, at most"
+        " `window`; unset: 5.",
+    )
 
     def spec(self) -> ModelSpec:
         return ModelSpec.from_dict(self.model_dump())
 
 
 class TrainingSection(StrictModel):
-    epochs: Annotated[int, Field(ge=1, le=1000)] = 5
-    batch_size: Annotated[int, Field(ge=1)] = 16
-    lr: Annotated[float, Field(gt=0, le=10)] = 0.1
-    #: FedProx's proximal coefficient (0: plain local SGD, as FedAvg).
-    prox_mu: Annotated[float, Field(ge=0, le=100)] = 0.0
-    #: Quantization-aware training: forward passes on int8 fake-quantized weights (one scale
-    #: per output unit or filter), so the model keeps its accuracy when run as int8.
-    qat: bool = False
+    epochs: Annotated[int, Field(ge=1, le=1000)] = Field(
+        5,
+        description="Passes over its local data a device makes per round (a device class's"
+        " `local_epochs` takes precedence).",
+    )
+    batch_size: Annotated[int, Field(ge=1)] = Field(
+        16,
+        description="Samples per local SGD step (a device class's `batch_size` takes precedence).",
+    )
+    lr: Annotated[float, Field(gt=0, le=10)] = Field(
+        0.1, description="Learning rate of local SGD on the devices."
+    )
+    prox_mu: Annotated[float, Field(ge=0, le=100)] = Field(
+        0.0,
+        description="FedProx's proximal coefficient, pulling local training towards the"
+        " global model; 0: plain local SGD, as FedAvg.",
+    )
+    qat: bool = Field(
+        False,
+        description="Quantization-aware training: forward passes on int8 fake-quantized"
+        " weights (one scale per output unit or filter), so the model keeps its accuracy"
+        " when run as int8.",
+    )
 
 
 class AsynchronousSection(StrictModel):
@@ -67,13 +104,19 @@ class AsynchronousSection(StrictModel):
     to), and which ``max_staleness`` bounds.
     """
 
-    #: Accepted updates per new global model (FedBuff's K).
-    buffer: Annotated[int, Field(ge=1)] = 5
-    #: Versions an update's base may lag behind the model it is applied to; more is refused
-    #: (``too_stale``).
-    max_staleness: Annotated[int, Field(ge=0)] = 10
-    #: ``a`` in the staleness weight ``(1 + s) ** -a``; 0 weighs stale updates like fresh ones.
-    staleness_exponent: Annotated[float, Field(ge=0, le=10)] = 0.5
+    buffer: Annotated[int, Field(ge=1)] = Field(
+        5, description="Accepted updates per new global model (FedBuff's K)."
+    )
+    max_staleness: Annotated[int, Field(ge=0)] = Field(
+        10,
+        description="Model versions an update's base may lag behind the model it is applied"
+        " to; more is refused (reason `too_stale`).",
+    )
+    staleness_exponent: Annotated[float, Field(ge=0, le=10)] = Field(
+        0.5,
+        description="`a` in the staleness weight `(1 + s) ** -a` (s: versions behind); 0"
+        " weighs stale updates like fresh ones.",
+    )
 
 
 class ColumnsSection(StrictModel):
@@ -81,12 +124,17 @@ class ColumnsSection(StrictModel):
     CSV as the task owner read the held-out one: features by name, in this order, whatever
     the column order of the file; labels by name, class ``i`` being ``classes[i]``."""
 
-    #: The label column.
-    label: Annotated[str, Field(min_length=1)]
-    #: The feature columns, in the model's input order.
-    features: Annotated[list[Annotated[str, Field(min_length=1)]], Field(min_length=1)]
-    #: The label values, one per class: ``classes[i]`` is class ``i``.
-    classes: Annotated[list[Annotated[str, Field(min_length=1)]], Field(min_length=2)]
+    label: Annotated[str, Field(min_length=1)] = Field(
+        description="Name of the label column in the header row."
+    )
+    features: Annotated[list[Annotated[str, Field(min_length=1)]], Field(min_length=1)] = Field(
+        description="Names of the feature columns, in the model's input order (as many as"
+        " `model.n_features`)."
+    )
+    classes: Annotated[list[Annotated[str, Field(min_length=1)]], Field(min_length=2)] = Field(
+        description="The label values, one per class: `classes[i]` is class `i` (as many as"
+        " `model.n_classes`)."
+    )
 
     @model_validator(mode="after")
     def _distinct(self):
@@ -100,41 +148,79 @@ class ColumnsSection(StrictModel):
 
 
 class TaskSpec(StrictModel):
-    id: Identifier
-    rounds: Annotated[int, Field(ge=1, le=MAX_ROUND + 1)] = 10
-    codec: Literal["f32", "int8", "int8-channel", "int4", "topk-f32", "topk-int8"] = "int8"
-    #: Updates needed to close a round at its deadline; fewer and the deadline is extended.
-    #: Unset: a majority of the registered fleet, so one device's update never becomes the
-    #: global model on its own. Set explicitly, it may not exceed the fleet.
-    quorum: Annotated[int, Field(ge=1)] | None = None
-    #: Seconds a round stays open waiting for every registered device.
-    round_timeout: Annotated[float, Field(gt=0)] = 30.0
-    model: ModelSection
-    training: TrainingSection = TrainingSection()
-    #: How the gateway combines a round's updates (``gateway.AGGREGATION_RULES``); the rule is
-    #: recorded with the task and every round on the ledger.
+    id: Identifier = Field(
+        description="The task's id: part of its MQTT topics, and its name on the ledger."
+    )
+    rounds: Annotated[int, Field(ge=1, le=MAX_ROUND + 1)] = Field(
+        10,
+        description="Federated rounds to run (with `[asynchronous]`: global model versions"
+        " to produce).",
+    )
+    codec: Literal["f32", "int8", "int8-channel", "int4", "topk-f32", "topk-int8"] = Field(
+        "int8",
+        description="How devices encode their updates: float32, int8 with one scale per"
+        " tensor or per output channel, int4, or the top-k largest changes as float32 or int8"
+        " (a device class's `codec` takes precedence).",
+    )
+    quorum: Annotated[int, Field(ge=1)] | None = Field(
+        None,
+        description="Updates needed to close a round at its deadline; with fewer, the"
+        " deadline is extended by `round_timeout`. Unset: a majority of the registered"
+        " devices, so one device's update never becomes the global model on its own; set, it"
+        " may not exceed the registered devices.",
+    )
+    round_timeout: Annotated[float, Field(gt=0)] = Field(
+        30.0,
+        description="Seconds a round stays open waiting for every registered device before"
+        " it closes with a quorum.",
+    )
+    model: ModelSection = Field(
+        description="The model both sides build: its kind, its shape and its initial values."
+    )
+    training: TrainingSection = Field(
+        TrainingSection(), description="The local training recipe every device follows."
+    )
     aggregation: Literal[
         "fedavg", "fedprox", "median", "trimmed_mean", "krum", "multi_krum", "bulyan",
         "geometric_median", "centered_clip",
-    ] = "fedavg"  # fmt: skip
-    #: The rule's options, e.g. ``{beta = 0.2}`` for trimmed_mean, ``{f = 3}`` for krum,
-    #: ``{clip_factor = 1.0}`` to clip every update to the median norm (any rule).
-    aggregation_options: dict[str, float | int | bool] = Field(default_factory=dict)
-    #: The server's step with the aggregated update (Reddi et al., 2021): ``sgd`` with
-    #: ``server_lr = 1`` is plain FedAvg; ``fedadam``, ``fedyogi`` and ``fedadagrad`` keep
-    #: moment estimates across rounds (stored by the gateway with each round).
-    server_optimizer: Literal["sgd", "fedadam", "fedyogi", "fedadagrad"] = "sgd"
-    #: The server learning rate; unset: 1 for sgd, 0.1 for the adaptive optimizers.
-    server_lr: Annotated[float, Field(gt=0, le=100)] | None = None
-    #: Present: buffered asynchronous rounds, each round one model version (``rounds`` of
-    #: them); absent: synchronous rounds closed by everyone, or by the deadline with a quorum.
-    asynchronous: AsynchronousSection | None = None
-    #: Present: the agents' and the gateway's ``.csv`` data have a header row and are read by
-    #: column name, labels mapped to classes (``fedledger init`` writes it).
-    columns: ColumnsSection | None = None
-    #: Present: client-level differential privacy (DP-FedAvg): clipped updates, Gaussian
-    #: noise on their sum, optional Poisson sampling of devices, a budget (docs/privacy.md).
-    dp: DPSection | None = None
+    ] = Field(
+        "fedavg",
+        description="How the gateway combines a round's updates (`gateway.AGGREGATION_RULES`);"
+        " the rule is recorded with the task and every round on the ledger.",
+    )  # fmt: skip
+    aggregation_options: dict[str, float | int | bool] = Field(
+        default_factory=dict,
+        description="The rule's options as an inline table, e.g. `{beta = 0.2}` for"
+        " trimmed_mean, `{f = 3}` for krum, `{clip_factor = 1.0}` to clip every update to the"
+        " median norm (any rule).",
+    )
+    server_optimizer: Literal["sgd", "fedadam", "fedyogi", "fedadagrad"] = Field(
+        "sgd",
+        description="The server's step with the aggregated update (Reddi et al., 2021): `sgd`"
+        " with `server_lr = 1` is plain FedAvg; the adaptive ones keep moment estimates"
+        " across rounds, stored by the gateway with each round.",
+    )
+    server_lr: Annotated[float, Field(gt=0, le=100)] | None = Field(
+        None,
+        description="The server learning rate; unset: 1 for sgd, 0.1 for the adaptive optimizers.",
+    )
+    asynchronous: AsynchronousSection | None = Field(
+        None,
+        description="Present: buffered asynchronous rounds (FedBuff), a new global model every"
+        " `buffer` accepted updates, each round one model version; absent: synchronous rounds"
+        " closed by everyone, or by the deadline with a quorum.",
+    )
+    columns: ColumnsSection | None = Field(
+        None,
+        description="Present: the devices' and the gateway's `.csv` data have a header row"
+        " and are read by column name, labels mapped to classes (`fedledger init` writes it).",
+    )
+    dp: DPSection | None = Field(
+        None,
+        description="Present: client-level differential privacy (DP-FedAvg): clipped updates,"
+        " Gaussian noise on their sum, optional Poisson sampling of devices, and a budget"
+        " (docs/privacy.md); needs fedavg or fedprox without options, and synchronous rounds.",
+    )
 
     @model_validator(mode="after")
     def _dp_composes(self):

@@ -1503,6 +1503,68 @@ def data_sample_csv(
     )
 
 
+# ---------------------------------------------------------------- config reference
+config_app = typer.Typer(
+    help="The configuration files and what their keys mean.", no_args_is_help=True
+)
+app.add_typer(config_app, name="config")
+
+
+class ConfigFileName(str, enum.Enum):
+    task = "task"
+    gateway = "gateway"
+    agent = "agent"
+    registry = "registry"
+    fabric_profile = "fabric-profile"
+    device_class = "device-class"
+
+
+@config_app.command("reference")
+def config_reference(
+    file: Annotated[
+        ConfigFileName | None,
+        typer.Option(
+            "--file",
+            help="Only this file (default: all of them).",
+        ),
+    ] = None,
+    out: Annotated[
+        Path | None,
+        typer.Option(
+            "--out",
+            help="Write the Markdown here instead of printing it (a file this command did not"
+            " write is never replaced).",
+        ),
+    ] = None,
+    as_json: Annotated[
+        bool,
+        typer.Option(
+            "--json",
+            help="Print the reference as JSON (with --out: the result of writing it).",
+        ),
+    ] = False,
+) -> None:
+    """Print every key of task.toml, gateway.toml, agent.toml, registry.json, a Fabric
+    connection profile and the device classes (firmware_configs/*.toml): its section, type,
+    allowed values, default and meaning, as the loaders' models declare them.
+
+    docs/configuration.md is this command's output: `fedledger config reference --out
+    docs/configuration.md` brings it up to date after a model changes.
+    """
+    from ._reference import as_data, render, select, write_reference
+
+    files = select(None if file is None else [file.value])
+    if out is None:
+        if as_json:
+            sys.stdout.write(json.dumps(as_data(files), indent=2) + "\n")
+        else:
+            sys.stdout.write(render(files))
+        return
+    changed = write_reference(out, render(files))
+    result = {"path": str(out), "files": [f.file for f in files], "changed": changed}
+    _report(result, as_json, f"{out}: {'written' if changed else 'up to date'}")
+
+
 # ---------------------------------------------------------------- bench
 @bench_app.command("aggregate")
 def bench_aggregate(

@@ -10,7 +10,7 @@ from ._errors import REJECT_REASONS, GatewayError, Rejected
 from ._fedbuff import FedBuffRounds
 from ._metrics import GatewayMetrics
 from ._protocol import PROTOCOLS, RoundProtocol, register_protocol
-from ._registry import DeviceRegistry
+from ._registry import DeviceRegistry, RegistryFile
 from ._robust import (
     UpdateMatrix,
     bulyan,
@@ -63,6 +63,7 @@ __all__ = [
     "LedgerOutbox",
     "OpenRound",
     "OutboxState",
+    "RegistryFile",
     "Rejected",
     "RoundAggregator",
     "RoundContext",

@@ -18,46 +18,84 @@ from fedcore import (
 
 
 class GatewaySection(StrictModel):
-    #: The gateway's name: its MQTT client id and its subject on the ledger.
-    id: Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.@-]{0,127}$")] = "gateway"
-    #: The organisation (Fabric MSP id) the gateway and its devices belong to.
-    org: Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")] = "org1"
-    #: Ed25519 private key (PEM) that signs global models and ledger blocks.
-    key: Path
-    #: The task spec shared with the agents.
-    task: Path
-    #: Registered devices and their public keys (JSON).
-    registry: Path
-    #: SQLite file of accepted updates, models and rounds.
-    store: Path
-    #: SQLite file of the embedded ledger.
-    ledger: Path
-    #: A Fabric connection profile (TOML): anchor rounds on a Fabric network instead of the
-    #: embedded ledger. Devices and the task are then registered by an operator.
-    fabric_profile: Path | None = None
-    #: The organisation CA certificate (PEM): devices may sign with the key of a certificate
-    #: it issued (CN = device id); without it only Ed25519 keys from the registry count.
-    ca: Path | None = None
-    #: The CA's revocation list (PEM), re-read when the file changes; needs ``ca``.
-    crl: Path | None = None
-    #: X25519 private key (PEM, ``fedledger pki x25519``) that opens payloads devices seal to
-    #: this gateway.
-    encryption_key: Path | None = None
-    #: Refuse updates whose payload is not sealed (``not_encrypted``); needs ``encryption_key``.
-    require_encryption: bool = False
-    #: The secret seed (hex, ``fedledger pki dp-seed``) that draws a DP task's sampled
-    #: devices; its SHA-256 is the task's ``dp.seed_sha256``. Revealed on the ledger at the end.
-    dp_seed: Path | None = None
-    #: Held-out data (``.npz`` with ``x`` and ``y``) to evaluate each new global model.
-    evaluation: Path | None = None
-    max_message_bytes: Annotated[int, Field(ge=1024, le=256 << 20)] = DEFAULT_MAX_MESSAGE_BYTES
-    #: Wait up to this many seconds for every registered device to come online before round 0.
-    start_wait: Annotated[float, Field(ge=0)] = 10.0
-    #: Serve Prometheus metrics at ``http://metrics_host:metrics_port/metrics``; unset: not served.
-    #: 0 picks a free port.
-    metrics_port: Annotated[int, Field(ge=0, le=65535)] | None = None
-    #: The address the metrics endpoint listens on; loopback unless a scraper needs more.
-    metrics_host: str = "127.0.0.1"
+    id: Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.@-]{0,127}$")] = Field(
+        "gateway",
+        description="The gateway's name: its MQTT client id and its subject on the ledger.",
+    )
+    org: Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")] = Field(
+        "org1",
+        description="The organisation (Fabric MSP id) the gateway and its devices belong to.",
+    )
+    key: Path = Field(
+        description="Ed25519 private key (PEM) that signs global models and ledger blocks."
+    )
+    task: Path = Field(description="The task spec (`task.toml`) shared with the devices.")
+    registry: Path = Field(
+        description="The devices admitted and the keys they sign with (`registry.json`)."
+    )
+    store: Path = Field(
+        description="SQLite file of accepted updates, models and rounds (created if missing;"
+        " one gateway per store)."
+    )
+    ledger: Path = Field(description="SQLite file of the embedded ledger (created if missing).")
+    fabric_profile: Path | None = Field(
+        None,
+        description="A Fabric connection profile (TOML): anchor rounds on a Fabric network"
+        " instead of the embedded ledger; devices and the task are then registered by an"
+        " operator.",
+    )
+    ca: Path | None = Field(
+        None,
+        description="The organisation CA certificate (PEM): devices may sign with the key of a"
+        " certificate it issued (CN = device id); without it only Ed25519 keys from the"
+        " registry count.",
+    )
+    crl: Path | None = Field(
+        None,
+        description="The CA's revocation list (PEM), read again whenever the file changes;"
+        " needs `ca`.",
+    )
+    encryption_key: Path | None = Field(
+        None,
+        description="X25519 private key (PEM, `fedledger pki x25519`) that opens the payloads"
+        " devices seal to this gateway.",
+    )
+    require_encryption: bool = Field(
+        False,
+        description="Refuse updates whose payload is not sealed (reason `not_encrypted`);"
+        " needs `encryption_key`.",
+    )
+    dp_seed: Path | None = Field(
+        None,
+        description="The secret seed (hex, `fedledger pki dp-seed`) that draws a DP task's"
+        " sampled devices; its SHA-256 is the task's `dp.seed_sha256`, and it is revealed on"
+        " the ledger when the task ends.",
+    )
+    evaluation: Path | None = Field(
+        None,
+        description="Held-out data (`.npz` with `x` and `y`, or `.csv`) on which each new"
+        " global model's accuracy is measured.",
+    )
+    max_message_bytes: Annotated[int, Field(ge=1024, le=256 << 20)] = Field(
+        DEFAULT_MAX_MESSAGE_BYTES,
+        description="Largest update message accepted, in bytes; a larger one is refused"
+        " before it is decoded (give the broker the same limit).",
+    )
+    start_wait: Annotated[float, Field(ge=0)] = Field(
+        10.0,
+        description="Seconds to wait for every registered device to come online before"
+        " round 0 opens.",
+    )
+    metrics_port: Annotated[int, Field(ge=0, le=65535)] | None = Field(
+        None,
+        description="Serve Prometheus metrics at `http://metrics_host:metrics_port/metrics`;"
+        " 0 picks a free port; unset: not served.",
+    )
+    metrics_host: str = Field(
+        "127.0.0.1",
+        description="The address the metrics endpoint listens on; loopback unless a scraper"
+        " elsewhere needs it.",
+    )
 
     @field_validator(
         "key",
@@ -87,8 +125,12 @@ class GatewaySection(StrictModel):
 
 
 class GatewayConfig(StrictModel):
-    gateway: GatewaySection
-    broker: BrokerSection = BrokerSection()
+    gateway: GatewaySection = Field(
+        description="The gateway: its identity, its keys, and the files it reads and keeps."
+    )
+    broker: BrokerSection = Field(
+        BrokerSection(), description="The MQTT broker the gateway and its devices meet at."
+    )
 
 
 def load_gateway_config(path: str | os.PathLike[str]) -> GatewayConfig:

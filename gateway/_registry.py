@@ -14,10 +14,57 @@ import json
 import os
 from collections.abc import Iterator, Mapping
 from pathlib import Path
+from typing import Annotated
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+from pydantic import Field, model_validator
 
-from fedcore import IDENTIFIER, ConfigError, atomic_write_bytes, canonical_json, load_public_key
+from fedcore import (
+    IDENTIFIER,
+    ConfigError,
+    StrictModel,
+    atomic_write_bytes,
+    canonical_json,
+    load_public_key,
+    validate_config,
+)
+
+_SHA256_HEX = r"^[0-9a-f]{64}$"
+
+
+class RegistryEntry(StrictModel):
+    """One device of ``registry.json``: the key it signs with, the certificate it was
+    admitted with, or both."""
+
+    public_key: str | None = Field(
+        None,
+        description="The device's Ed25519 public key (base64 of its 32 raw bytes,"
+        " `fedledger pki signing-key`): updates signed with it are the device's.",
+    )
+    certificate_sha256: Annotated[str, Field(pattern=_SHA256_HEX)] | None = Field(
+        None,
+        description="SHA-256 (hex) of the DER certificate the device was admitted with (what"
+        " the ledger registers): it signs with the key of a certificate from the organisation"
+        " CA (the gateway's `ca`), a rotated one included.",
+    )
+
+    @model_validator(mode="after")
+    def _one_at_least(self):
+        if self.public_key is None and self.certificate_sha256 is None:
+            raise ValueError('expected {"public_key": base64} and/or {"certificate_sha256": hex}')
+        return self
+
+
+class RegistryFile(StrictModel):
+    """What ``registry.json`` holds; :meth:`DeviceRegistry.load` reads it through this model,
+    so its errors name the file and the key like those of the TOML files."""
+
+    devices: dict[
+        Annotated[str, Field(pattern=IDENTIFIER.pattern, title="device id")], RegistryEntry
+    ] = Field(
+        description="The devices the gateway accepts updates from, each under the `device`"
+        " of its `agent.toml`; `fedledger device add` adds one to a site."
+    )
 
 
 class DeviceRegistry:
@@ -67,26 +114,11 @@ class DeviceRegistry:
             raise ConfigError("file not found", file=str(path)) from None
         except (OSError, UnicodeDecodeError, ValueError) as exc:
             raise ConfigError(f"not a readable JSON file: {exc}", file=str(path)) from None
-        devices = data.get("devices") if isinstance(data, dict) else None
-        if not isinstance(devices, dict):
-            raise ConfigError("expected an object of devices", file=str(path), key="devices")
-        keys, certificates = {}, {}
-        for device, entry in devices.items():
-            if (
-                not isinstance(entry, dict)
-                or not entry
-                or set(entry) - {"public_key", "certificate_sha256"}
-                or not all(isinstance(v, str) for v in entry.values())
-            ):
-                raise ConfigError(
-                    'expected {"public_key": base64} and/or {"certificate_sha256": hex}',
-                    file=str(path),
-                    key=f"devices.{device}",
-                )
-            if "public_key" in entry:
-                keys[device] = entry["public_key"]
-            if "certificate_sha256" in entry:
-                certificates[device] = entry["certificate_sha256"]
+        devices = validate_config(data, RegistryFile, file=str(path)).devices
+        keys = {d: e.public_key for d, e in devices.items() if e.public_key is not None}
+        certificates = {
+            d: e.certificate_sha256 for d, e in devices.items() if e.certificate_sha256 is not None
+        }
         return cls(keys, certificates=certificates, source=str(path))
 
     def save(self, path: str | os.PathLike[str]) -> None:

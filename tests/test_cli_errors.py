@@ -168,6 +168,12 @@ BAD_INPUTS = {
         ["--out", "{d}/b", "--task", "t", "--registry", "{d}/garbage.json"],
         ["--out", "{d}/b", "--task", "t", "--pki", "{d}/no-pki"],
     ],
+    ("config", "reference"): [
+        ["--file", "nonsense"],
+        ["--out", "{d}/a-file"],
+        ["--out", "{d}"],
+        ["--out", "{d}/task.toml", "--json"],
+    ],
     ("model", "export"): [
         ["--task", "{d}/garbage.toml", "--out", "{d}/m.onnx", "--model", "{d}/garbage.npz"],
         ["--task", "{d}/task.toml", "--out", "{d}/m.onnx", "--model", "{d}/garbage.npz"],

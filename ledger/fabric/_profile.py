@@ -63,12 +63,32 @@ Timeout = Annotated[float, Field(gt=0, le=3600)]
 
 
 class PeerSection(StrictModel):
-    endpoint: str
-    tls: bool = True
-    tls_ca: Path | None = None
-    server_name_override: str | None = None
-    client_cert: Path | None = None
-    client_key: Path | None = None
+    endpoint: str = Field(
+        description="The peer's Gateway service, `host:port` (`[v6]:port` for an IPv6 address)."
+    )
+    tls: bool = Field(
+        True,
+        description="Talk TLS to the peer; `false` (plain text) suits a development network"
+        " only, and allows none of the keys below.",
+    )
+    tls_ca: Path | None = Field(
+        None,
+        description="The CA certificate (PEM) that issued the peer's TLS certificate;"
+        " required with TLS.",
+    )
+    server_name_override: str | None = Field(
+        None,
+        description="The host name the peer's TLS certificate names, when `endpoint`'s host"
+        " differs (an address, a tunnel).",
+    )
+    client_cert: Path | None = Field(
+        None,
+        description="This client's TLS certificate (PEM), for a peer that asks for mutual TLS;"
+        " goes with `client_key`.",
+    )
+    client_key: Path | None = Field(
+        None, description="The private key (PEM, unencrypted) of `client_cert`."
+    )
 
     @field_validator("tls_ca", "client_cert", "client_key", mode="before")
     @classmethod
@@ -97,9 +117,17 @@ class PeerSection(StrictModel):
 
 
 class IdentitySection(StrictModel):
-    msp_id: Annotated[str, Field(min_length=1, max_length=250)]
-    cert: Path
-    key: Path
+    msp_id: Annotated[str, Field(min_length=1, max_length=250)] = Field(
+        description="The MSP id of the member's organisation on the channel, e.g. `Org1MSP`."
+    )
+    cert: Path = Field(
+        description="The member's enrolment certificate (PEM, X.509); a gateway's carries the"
+        " attribute `fedledger.role=gateway`."
+    )
+    key: Path = Field(
+        description="The EC P-256 private key (PEM, unencrypted) of `cert`, which signs every"
+        " proposal and transaction."
+    )
 
     @field_validator("cert", "key", mode="before")
     @classmethod
@@ -108,8 +136,8 @@ class IdentitySection(StrictModel):
 
 
 class ChaincodeSection(StrictModel):
-    channel: str
-    name: str
+    channel: str = Field(description="The channel the fedledger chaincode is deployed on.")
+    name: str = Field(description="The name the fedledger chaincode was committed under.")
 
     @field_validator("channel", "name")
     @classmethod
@@ -120,18 +148,37 @@ class ChaincodeSection(StrictModel):
 
 
 class TimeoutsSection(StrictModel):
-    evaluate: Timeout = DEFAULT_EVALUATE_TIMEOUT
-    endorse: Timeout = DEFAULT_ENDORSE_TIMEOUT
-    submit: Timeout = DEFAULT_SUBMIT_TIMEOUT
-    commit_status: Timeout = DEFAULT_COMMIT_STATUS_TIMEOUT
-    deliver: Timeout = DEFAULT_DELIVER_TIMEOUT
+    evaluate: Timeout = Field(
+        DEFAULT_EVALUATE_TIMEOUT, description="Seconds a read-only query (evaluate) may take."
+    )
+    endorse: Timeout = Field(
+        DEFAULT_ENDORSE_TIMEOUT,
+        description="Seconds the peers may take to endorse a transaction proposal.",
+    )
+    submit: Timeout = Field(
+        DEFAULT_SUBMIT_TIMEOUT,
+        description="Seconds handing an endorsed transaction to the orderer may take.",
+    )
+    commit_status: Timeout = Field(
+        DEFAULT_COMMIT_STATUS_TIMEOUT,
+        description="Seconds to wait for a submitted transaction to be committed in a block.",
+    )
+    deliver: Timeout = Field(
+        DEFAULT_DELIVER_TIMEOUT,
+        description="Seconds the whole stream of blocks may take when reading the chain"
+        " (`fedledger ledger verify --fabric-profile`).",
+    )
 
 
 class ConnectionProfile(StrictModel):
-    peer: PeerSection
-    identity: IdentitySection
-    chaincode: ChaincodeSection
-    timeouts: TimeoutsSection = TimeoutsSection()
+    peer: PeerSection = Field(description="The peer the client connects to, and how.")
+    identity: IdentitySection = Field(
+        description="Who the client is on the channel: an enrolled member of an organisation."
+    )
+    chaincode: ChaincodeSection = Field(description="Which chaincode, on which channel, to call.")
+    timeouts: TimeoutsSection = Field(
+        TimeoutsSection(), description="How long each kind of call to the network may take."
+    )
 
 
 def load_profile(path: str | os.PathLike[str]) -> ConnectionProfile:

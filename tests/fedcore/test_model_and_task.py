@@ -68,6 +68,17 @@ def test_task_file_errors_name_file_and_key(tmp_path):
         match=r"task.toml: model.feature_mean: feature_mean has 1 values for 3 features",
     ):
         load_task(path)
+    # An optional section lists its keys too.
+    path.write_text(
+        "id = 'x'\n[model]\nkind = 'logreg'\nn_features = 3\nn_classes = 2\n"
+        "[asynchronous]\nbufer = 3\n"
+    )
+    with pytest.raises(
+        ConfigError,
+        match=r"asynchronous.bufer: unknown key \(allowed: buffer, max_staleness,"
+        r" staleness_exponent\)",
+    ):
+        load_task(path)
 
 
 def test_local_data_formats(tmp_path):
