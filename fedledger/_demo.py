@@ -205,6 +205,7 @@ def run_demo(
         "seed": options.seed,
         "codec": options.task.codec,
         "model": options.task.model,
+        "aggregation": options.task.aggregation,
         "secure": options.secure,
         "privacy": privacy,
         "device_samples": layout.device_samples,
@@ -251,44 +252,88 @@ def run_demo(
     return report
 
 
+def plot_title(report: dict[str, Any]) -> str:
+    """What was run, as the plot's title: data set, model, rule, codec and the split."""
+    return (
+        f"{report['dataset']} · {report['model']} · {report.get('aggregation', 'fedavg')}"
+        f" · {report['codec']} updates · {report['devices']} devices,"
+        f" Dirichlet α={report['alpha']}, seed {report['seed']}"
+    )
+
+
 def write_plot(report: dict[str, Any], path: Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    fig = report_figure(report)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def report_figure(report: dict[str, Any]):
+    """Two panels: held-out accuracy (and balanced accuracy) per round against the same model
+    trained centrally, with the privacy spent when the task has a budget; and what each
+    device brought, its samples by class (the non-IID split the rounds had to overcome).
+    Legends sit outside the data."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import numpy as np
 
-    rounds = [r["round"] + 1 for r in report["rounds"]]
-    accs = [100 * (r["accuracy"] or 0.0) for r in report["rounds"]]
-    fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
-    ax.plot(
-        rounds,
-        accs,
-        marker="o",
-        label=f"federated ({report['devices']} devices, {report['codec']})",
+    fig, (ax, share) = plt.subplots(
+        1, 2, figsize=(12, 4.8), dpi=110, gridspec_kw={"width_ratios": [3, 2]}
     )
+    fig.suptitle(plot_title(report), fontsize=10)
+    rounds = [r["round"] for r in report["rounds"]]
+    accs = [100 * (r["accuracy"] or 0.0) for r in report["rounds"]]
+    ax.plot(rounds, accs, marker="o", label="federated accuracy")
+    balanced = [(r.get("clinical") or {}).get("balanced_accuracy") for r in report["rounds"]]
+    if rounds and all(b is not None for b in balanced):
+        ax.plot(rounds, [100 * b for b in balanced], marker=".", label="balanced accuracy")
     ax.axhline(
         100 * report["centralized_accuracy"], color="grey", linestyle="--", label="centralized"
     )
     ax.set_xlabel("round")
     ax.set_ylabel("held-out accuracy (%)")
-    ax.set_title(f"{report['dataset']}: Dirichlet alpha={report['alpha']}, seed {report['seed']}")
-    ax.set_xticks(rounds)
+    ax.set_title("the global model per round", fontsize=9)
+    ax.set_xticks(rounds if len(rounds) <= 20 else rounds[:: max(len(rounds) // 10, 1)])
     ax.grid(alpha=0.3)
-    ax.legend(loc="lower right")
+    handles, labels = ax.get_legend_handles_labels()
     privacy = report.get("privacy")
     if privacy is not None and privacy["rounds"]:
         # the privacy spent, on its own axis: what each round of accuracy cost
         spent = ax.twinx()
         spent.plot(
-            [r["round"] + 1 for r in privacy["rounds"]],
+            [r["round"] for r in privacy["rounds"]],
             [r["epsilon"] for r in privacy["rounds"]],
             color="tab:red", marker=".", label="epsilon spent",
         )  # fmt: skip
         spent.axhline(privacy["budget_epsilon"], color="tab:red", linestyle=":", label="budget")
         spent.set_ylim(0, 1.25 * privacy["budget_epsilon"])
         spent.set_ylabel(f"epsilon at delta {privacy['dp']['target_delta']:g}")
-        spent.legend(loc="center right")
+        more_h, more_l = spent.get_legend_handles_labels()
+        handles, labels = handles + more_h, labels + more_l
+    ax.legend(
+        handles, labels, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=3, fontsize=8,
+        frameon=False,
+    )  # fmt: skip
+    devices = sorted(report.get("device_labels") or {})
+    if devices:
+        counts = np.array([report["device_labels"][d] for d in devices], dtype=float)
+        left = np.zeros(len(devices))
+        for k in range(counts.shape[1]):
+            share.barh(devices, counts[:, k], left=left, label=f"class {k}")
+            left += counts[:, k]
+        share.invert_yaxis()
+        share.set_xlabel("training samples")
+        share.set_title("each device's data, by class", fontsize=9)
+        share.tick_params(axis="y", labelsize=7 if len(devices) <= 30 else 5)
+        share.legend(
+            loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=min(counts.shape[1], 5),
+            fontsize=8, frameon=False,
+        )  # fmt: skip
+    else:
+        share.set_axis_off()
     fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return fig
