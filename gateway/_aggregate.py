@@ -28,37 +28,44 @@ def fedavg(pairs: Sequence[tuple[Mapping[str, np.ndarray], int]]) -> Params:
 
 
 def _axpy(x: np.ndarray, y: np.ndarray, a: float) -> None:
-    """``y += a * x`` in place for flat float32 arrays, in one pass where BLAS is there."""
-    if _saxpy is not None:
-        out = _saxpy(x, y, a=a)
+    """``y += a * x`` in place for flat float64 arrays, in one pass where BLAS is there."""
+    if _daxpy is not None:
+        out = _daxpy(x, y, a=a)
         if out is y or np.shares_memory(out, y):
             return
         y[...] = out
         return
-    y += np.float32(a) * x
+    y += a * x
 
 
 try:  # SciPy ships with the gateway (scikit-learn needs it); a device never aggregates.
-    from scipy.linalg.blas import saxpy as _saxpy
+    from scipy.linalg.blas import daxpy as _daxpy
 except ImportError:  # pragma: no cover - exercised only without SciPy
-    _saxpy = None
+    _daxpy = None
 
 
 class FedAvgAccumulator:
     """Streaming weighted mean: each update is dequantized straight into one buffer.
 
     ``add`` takes the payload's tensor views (int8 or float32) and folds them in with one
-    multiply-add per tensor (BLAS ``saxpy`` for float32 data: one pass over the update);
-    nothing per update is kept.
+    multiply-add per tensor (BLAS ``daxpy``: one pass over the update); nothing per update
+    is kept.
+
+    The sums are float64 and rounded to float32 once, in :meth:`result`, so the order the
+    updates arrived in (thread scheduling, the network) does not change the global model:
+    two orders differ in float64 by a few units in the last place, far below float32's
+    resolution, and round to the same float32 unless a sum falls within that distance of a
+    float32 rounding boundary, which is rare. Summed in float32, the order changed every
+    model.
     """
 
     def __init__(self, shapes: Mapping[str, tuple[int, ...]]):
         self._shapes = dict(shapes)
         self._sums = {
-            name: np.zeros(int(np.prod(s)), dtype=np.float32) for name, s in shapes.items()
+            name: np.zeros(int(np.prod(s)), dtype=np.float64) for name, s in shapes.items()
         }
         self._scratch = {
-            name: np.empty(int(np.prod(s)), dtype=np.float32) for name, s in shapes.items()
+            name: np.empty(int(np.prod(s)), dtype=np.float64) for name, s in shapes.items()
         }
         self.total_samples = 0
         self.count = 0
@@ -67,8 +74,8 @@ class FedAvgAccumulator:
         for view in views:
             data = view.data.reshape(-1)
             coef = float(view.scale) * n_samples
-            if data.dtype != np.float32:
-                # Widen into the scratch buffer first (int8 payloads).
+            if data.dtype != np.float64:
+                # Widen into the scratch buffer first (int8 and float32 payloads).
                 scratch = self._scratch[view.name]
                 np.copyto(scratch, data, casting="unsafe")
                 data = scratch
@@ -88,7 +95,8 @@ class FedAvgAccumulator:
     def result(self) -> Params:
         if self.total_samples <= 0:
             raise ValueError("no updates were accumulated")
-        scale = np.float32(1.0 / self.total_samples)
+        scale = 1.0 / self.total_samples
         return {
-            name: (total * scale).reshape(self._shapes[name]) for name, total in self._sums.items()
+            name: (total * scale).astype(np.float32).reshape(self._shapes[name])
+            for name, total in self._sums.items()
         }

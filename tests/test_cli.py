@@ -358,3 +358,20 @@ def test_revoke_device_on_the_embedded_ledger(tmp_path):
     )
     assert again.returncode == 2 and "conflict" in again.stderr
     assert run("ledger", "verify", "--db", db).returncode == 0
+
+
+@pytest.mark.mqtt
+def test_one_seed_gives_one_final_model(tmp_path, mosquitto):
+    """Same seed, same model hash: the order updates arrive in (threads, the network) must
+    not change the global model."""
+    finals = []
+    for i in range(2):
+        out = tmp_path / f"report-{i}.json"
+        done = run(
+            "demo", "--devices", "4", "--rounds", "3", "--seed", "7", "--agents", "thread",
+            "--no-plot", "--quiet", "--out", str(out), "--workdir", str(tmp_path / f"work-{i}"),
+            cwd=tmp_path,
+        )  # fmt: skip
+        assert done.returncode == 0, done.stderr
+        finals.append(json.loads(out.read_text())["final_model"])
+    assert finals[0] == finals[1]

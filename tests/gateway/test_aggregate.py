@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from fedcore import encode_tensors, iter_tensors
+from fedcore import TensorView, encode_tensors, iter_tensors
 from gateway import FedAvgAccumulator, fedavg
 
 
@@ -51,3 +51,26 @@ def test_accumulator_dequantizes_int8_payloads(rng):
     ref = fedavg(pairs)
     peak = max(np.abs(p["w"]).max() for p, _ in pairs)
     np.testing.assert_allclose(acc.result()["w"], ref["w"], atol=peak / 127)
+
+
+def test_the_streaming_mean_does_not_depend_on_the_order_updates_arrive_in():
+    """Thread scheduling and the network reorder updates; the global model (named by the
+    hash of its float32 bytes) must not change with them."""
+    rng = np.random.default_rng(3)
+    shapes = {"w": (40, 30), "b": (30,)}
+    updates = []
+    for _ in range(24):
+        views = []
+        for name, shape in shapes.items():
+            q = rng.integers(-127, 128, size=int(np.prod(shape)), dtype=np.int8)
+            views.append(TensorView(name, shape, q, float(np.float32(rng.uniform(1e-4, 1e-2)))))
+        updates.append((views, int(rng.integers(5, 400))))
+    results = set()
+    for order in range(20):
+        acc = FedAvgAccumulator(shapes)
+        for i in np.random.default_rng(order).permutation(len(updates)):
+            acc.add(*updates[i])
+        out = acc.result()
+        assert all(v.dtype == np.float32 for v in out.values())
+        results.add(b"".join(out[k].tobytes() for k in sorted(out)))
+    assert len(results) == 1
