@@ -24,6 +24,11 @@ from grafana_foundation_sdk.models import common
 from grafana_foundation_sdk.models.dashboard import (
     DashboardCursorSync,
     DataSourceRef,
+    DynamicConfigValue,
+    Threshold,
+    ThresholdsMode,
+    ValueMap,
+    ValueMappingResult,
     VariableOption,
     VariableRefresh,
     VariableSort,
@@ -57,9 +62,34 @@ def _query(expr: str, legend: str, ref: str) -> prometheus.Dataquery:
 
 
 def _targets(panel: Panel, queries: Iterable[tuple[str, str]]) -> Panel:
+    """Add the queries. A count over a window (``increase``) is rounded: Prometheus
+    extrapolates it to the window's edges, and "397.4 rounds closed" is not a count."""
+    queries = list(queries)
     for i, (expr, legend) in enumerate(queries):
+        if "increase(" in expr:
+            expr = f"round({expr})"
         panel.with_target(_query(expr, legend, chr(ord("A") + i)))
+    if queries and all("increase(" in expr for expr, _ in queries):
+        panel.decimals(0)
     return panel
+
+
+def _up_down(panel: stat.Panel) -> stat.Panel:
+    """0 reads "down" in red, 1 "up" in green (a bare 0 in the default green reads as fine)."""
+    return panel.thresholds(
+        dash.ThresholdsConfig()
+        .mode(ThresholdsMode.ABSOLUTE)
+        .steps([Threshold(value=None, color="red"), Threshold(value=1, color="green")])
+    ).mappings(
+        [
+            ValueMap(
+                options={
+                    "0": ValueMappingResult(text="down", color="red", index=0),
+                    "1": ValueMappingResult(text="up", color="green", index=1),
+                }
+            )
+        ]
+    )
 
 
 def stat_panel(
@@ -186,8 +216,12 @@ def fleet_overview():
     g = "fedledger_gateway_"
     a = "fedledger_agent_"
     panels = [
-        stat_panel(
-            "Gateway up", "1 while Prometheus scrapes the gateway.", (f"up{{{GW}}}", "{{instance}}")
+        _up_down(
+            stat_panel(
+                "Gateway up",
+                "Up while Prometheus scrapes the gateway, down (red) when it cannot.",
+                (f"up{{{GW}}}", "{{instance}}"),
+            )
         ),
         stat_panel(
             "Devices registered",
@@ -314,9 +348,17 @@ def round_progress():
         ),
         graph_panel(
             "Participants and accuracy",
-            "Participants of the last closed round; accuracy of the last global model.",
+            "Participants of the last closed round (left axis); accuracy of the last global"
+            " model (right axis, percent).",
             (f"{g}last_round_participants{{{GW}}}", "participants {{instance}}"),
             (f"{g}global_model_accuracy_ratio{{{GW}}}", "accuracy {{instance}}"),
+        ).override_by_regexp(
+            "accuracy.*",
+            [
+                DynamicConfigValue(id_val="custom.axisPlacement", value="right"),
+                DynamicConfigValue(id_val="unit", value="percentunit"),
+                DynamicConfigValue(id_val="max", value=1),
+            ],
         ),
         graph_panel(
             "Clinical metrics",

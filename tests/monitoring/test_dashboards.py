@@ -339,3 +339,49 @@ def check_every_dashboard_renders_to_png(live: Prometheus, out: Path) -> None:
         assert all(s.error is None for s in summaries), (path.name, summaries)
         without = [s.title for s in summaries if not s.has_data]
         assert not without, f"{path.name}: panels without numbers: {without}"
+
+
+def _panel(board: dict, title: str) -> dict:
+    (found,) = [p for p in panels(board) if p["title"] == title]
+    return found
+
+
+def test_gateway_up_reads_down_in_red_and_up_in_green():
+    up = _panel(committed()["fleet-overview"], "Gateway up")
+    defaults = up["fieldConfig"]["defaults"]
+    steps = defaults["thresholds"]["steps"]
+    assert steps[0]["color"] == "red" and steps[0]["value"] is None  # 0 is red, not green
+    assert steps[1] == {"color": "green", "value": 1}
+    (mapping,) = defaults["mappings"]
+    assert mapping["options"]["0"]["text"] == "down" and mapping["options"]["1"]["text"] == "up"
+
+
+def test_counts_over_a_window_are_whole_numbers():
+    """increase() extrapolates ("Rounds closed (1h) 397.4"): every such query is rounded, and
+    a panel of counts shows no decimals."""
+    seen = 0
+    for board in committed().values():
+        for panel in panels(board):
+            exprs = [t["expr"] for t in panel["targets"]]
+            for expr in exprs:
+                if "increase(" in expr:
+                    seen += 1
+                    assert expr.startswith("round("), (panel["title"], expr)
+            if exprs and all("increase(" in e for e in exprs):
+                assert panel["fieldConfig"]["defaults"]["decimals"] == 0, panel["title"]
+    assert seen >= 8
+
+
+def test_participants_and_accuracy_do_not_share_an_axis():
+    panel = _panel(committed()["round-progress"], "Participants and accuracy")
+    (override,) = panel["fieldConfig"]["overrides"]
+    assert override["matcher"] == {"id": "byRegexp", "options": "accuracy.*"}
+    props = {p["id"]: p["value"] for p in override["properties"]}
+    assert props["custom.axisPlacement"] == "right" and props["unit"] == "percentunit"
+
+
+def test_round_duration_buckets_resolve_sub_second_rounds():
+    """A 90 ms round must not be reported as p50 500 ms: buckets below one second."""
+    from gateway._metrics import _ROUND_BUCKETS
+
+    assert min(_ROUND_BUCKETS) <= 0.05 and 0.1 in _ROUND_BUCKETS and 0.5 in _ROUND_BUCKETS
