@@ -1656,23 +1656,28 @@ def bench_accuracy(
     k_fraction: Annotated[
         float, typer.Option(min=1e-6, max=1.0, help="Share of each tensor top-k codecs keep.")
     ] = 0.01,
+    quick: QuickFlag = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON only.")] = False,
 ) -> None:
     """Federated (Dirichlet split) vs. centralized training of the same model, per update
-    codec: final accuracy, gaps in percentage points and uplink bytes against float32."""
+    codec: final accuracy, gaps in percentage points and uplink bytes against float32.
+    Progress goes to stderr; --quick checks the set-up."""
     from bench.accuracy import run
 
     def _split(text: str) -> tuple[str, ...]:
         return tuple(part.strip() for part in text.split(",") if part.strip())
 
+    chosen, kinds = _split(datasets), _split(codecs)
+    if quick:
+        chosen, kinds, rounds, repeats = chosen[:1], kinds[:2], min(rounds, 5), 1
     try:
         result = run(
-            datasets=_split(datasets), devices=devices, alpha=alpha, rounds=rounds,
-            codecs=_split(codecs), seed=seed, repeats=repeats, k_fraction=k_fraction,
+            datasets=chosen, devices=devices, alpha=alpha, rounds=rounds,
+            codecs=kinds, seed=seed, repeats=repeats, k_fraction=k_fraction,
         )  # fmt: skip
     except ValueError as exc:
         raise typer.BadParameter(str(exc)) from None
-    _print_bench(result, as_json)
+    _print_bench({**result, "quick": quick}, as_json)
 
 
 @bench_app.command("robustness")
@@ -1687,18 +1692,24 @@ def bench_robustness(
         list[str] | None,
         typer.Option("--dataset", help="breast_cancer or digits; repeat for both (default)."),
     ] = None,
+    quick: QuickFlag = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON only.")] = False,
 ) -> None:
     """Final accuracy of each aggregation rule under attack (sign flip, x100 scaling,
     Gaussian noise, label flip, constant, NaN, free riders) at 10%, 30% and 45% malicious
-    devices, beside the same rule's clean run (all simulated in process)."""
+    devices, beside the same rule's clean run (all simulated in process). Several minutes;
+    progress goes to stderr, --quick checks the set-up."""
     from bench.robustness import run
 
     datasets = tuple(dataset) if dataset else ("breast_cancer", "digits")
-    _print_bench(
-        run(datasets=datasets, rounds=rounds, devices=devices, repeats=repeats, seed=seed),
-        as_json,
+    extra = {}
+    if quick:
+        datasets, rounds, repeats = datasets[:1], min(rounds, 8), 1
+        extra = {"fractions": (0.3,)}
+    result = run(
+        datasets=datasets, rounds=rounds, devices=devices, repeats=repeats, seed=seed, **extra
     )
+    _print_bench({**result, "quick": quick}, as_json)
 
 
 @bench_app.command("async")
@@ -1788,6 +1799,7 @@ def bench_privacy(
     plot: Annotated[
         Path | None, typer.Option("--plot", help="Write a PNG of accuracy against epsilon.")
     ] = None,
+    quick: QuickFlag = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON only.")] = False,
 ) -> None:
     """Accuracy against epsilon of DP-FedAvg with Poisson-sampled devices (in process, the
@@ -1799,11 +1811,14 @@ def bench_privacy(
 
     if dataset not in ("digits", "breast_cancer"):
         raise typer.BadParameter("must be digits or breast_cancer", param_hint="--dataset")
+    multipliers = tuple(noise or (0.7, 1.0, 1.3, 2.0))
+    if quick:
+        devices, rounds, repeats, multipliers = min(devices, 100), min(rounds, 10), 1, (1.0,)
     result = run(
         dataset=dataset, devices=devices, rate=sampling, rounds=rounds,
-        noise_multipliers=tuple(noise or (0.7, 1.0, 1.3, 2.0)), clip=clip, repeats=repeats,
-        seed=seed,
+        noise_multipliers=multipliers, clip=clip, repeats=repeats, seed=seed,
     )  # fmt: skip
+    result["quick"] = quick
     if plot is not None:
         draw(result, plot)
         result["plot_path"] = str(plot)
@@ -1817,6 +1832,16 @@ def bench_privacy(
             )
         result = {k: v for k, v in result.items() if not isinstance(v, list)}
     _print_bench(result, as_json)
+
+
+QuickFlag = Annotated[
+    bool,
+    typer.Option(
+        "--quick",
+        help="A short run (one data set, one seed, few rounds) to check the set-up in about a"
+        " minute; its figures are marked quick and are not the benchmark's.",
+    ),
+]
 
 
 def _print_bench(result: dict, as_json: bool) -> None:
