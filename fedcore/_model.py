@@ -250,7 +250,12 @@ def accuracy(
 
 
 def clinical_metrics(
-    spec: ModelSpec, params: Mapping[str, np.ndarray], x: np.ndarray, y: np.ndarray
+    spec: ModelSpec,
+    params: Mapping[str, np.ndarray],
+    x: np.ndarray,
+    y: np.ndarray,
+    *,
+    positive: int = 1,
 ) -> dict[str, float]:
     """What a clinician weighs beside accuracy, which hides a rare class the model misses
     (95 % accuracy when 5 % of the patients are ill and none of them is found).
@@ -259,7 +264,9 @@ def clinical_metrics(
     - ``auc``: ROC AUC; two classes: of class 1's probability; more: the macro mean of the
       one-vs-rest AUCs of the classes present (scikit-learn's ``multi_class="ovr"`` when all
       are);
-    - ``sensitivity``, ``specificity`` (two classes only): recall of class 1, of class 0;
+    - ``sensitivity``, ``specificity`` (two classes only): recall of the ``positive`` class
+      (the condition to find; the task's ``positive_class``), of the other; ``auc`` is then
+      of the positive class's probability (the same number either way);
     - ``recall_<k>``: recall of class k, for every class of a task with at most
       :data:`~fedcore.MAX_CLASS_RECALLS` classes (above, none: a round record holds at most
       ``MAX_METRICS`` numbers, and balanced accuracy still averages them all).
@@ -288,7 +295,7 @@ def clinical_metrics(
         else:
             metrics["auc"] = float(np.mean([roc_auc_score(y == k, prob[:, k]) for k in present]))
     if spec.n_classes == 2:
-        for name, k in (("sensitivity", 1), ("specificity", 0)):
+        for name, k in (("sensitivity", positive), ("specificity", 1 - positive)):
             if k in recall:
                 metrics[name] = recall[k]
     if spec.n_classes <= MAX_CLASS_RECALLS:

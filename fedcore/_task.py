@@ -221,6 +221,18 @@ class TaskSpec(StrictModel):
         " Gaussian noise on their sum, optional Poisson sampling of devices, and a budget"
         " (docs/privacy.md); needs fedavg or fedprox without options, and synchronous rounds.",
     )
+    positive_class: Annotated[int, Field(ge=0, le=1)] | None = Field(
+        None,
+        description="Two-class tasks: the class the model is to find (the condition, e.g."
+        " malignant), whose recall is the round's sensitivity and the other's its specificity."
+        " Unset: class 1.",
+    )
+
+    @model_validator(mode="after")
+    def _positive_is_binary(self):
+        if self.positive_class is not None and self.model.n_classes != 2:
+            raise ValueError("positive_class is for two-class tasks only")
+        return self
 
     @model_validator(mode="after")
     def _dp_composes(self):
@@ -266,7 +278,7 @@ class TaskSpec(StrictModel):
         # An absent section is left out, so synchronous tasks keep the hash they had.
         absent = {
             name
-            for name in ("asynchronous", "columns", "dp", "quorum")
+            for name in ("asynchronous", "columns", "dp", "quorum", "positive_class")
             if getattr(self, name) is None
         }
         exclude = absent or None

@@ -13,7 +13,7 @@ from fedcore import fresh_folder, generate_key, new_dp_seed, public_key_b64, sav
 from fedcore.pki import ca_cert_path, certificate_paths, crl_path, init_ca, issue, x25519_key
 from gateway import DeviceRegistry
 
-from ._datasets import Dataset, dirichlet_partition
+from ._datasets import POSITIVE_CLASS, Dataset, dirichlet_partition
 
 
 @dataclass(frozen=True)
@@ -136,6 +136,8 @@ def _provision(
         task["dp"] = terms
     if options.quorum is None:
         del task["quorum"]  # a majority of the fleet
+    if dataset.name in POSITIVE_CLASS and dataset.n_classes == 2:
+        task["positive_class"] = POSITIVE_CLASS[dataset.name]
     task_path = root / "task.toml"
     task_path.write_text(tomli_w.dumps(task))
 

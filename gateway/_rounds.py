@@ -265,7 +265,8 @@ class RoundRunner:
         acc, clinical = None, {}
         if self.evaluation is not None:
             acc = accuracy(self.spec, params, *self.evaluation)
-            clinical = clinical_metrics(self.spec, params, *self.evaluation)
+            positive = 1 if self.task.positive_class is None else self.task.positive_class
+            clinical = clinical_metrics(self.spec, params, *self.evaluation, positive=positive)
         closed_at = self._clock()
         record = round_record(
             current,

@@ -12,8 +12,10 @@ from fedcore import (
     MAX_CLASS_RECALLS,
     MAX_METRICS,
     ModelSpec,
+    TaskSpec,
     accuracy,
     clinical_metrics,
+    load_task,
 )
 
 
@@ -69,6 +71,31 @@ def test_binary_metrics_match_the_confusion_matrix():
     }  # fmt: skip
     # Accuracy alone hides the missed patient: 8 of 10 right.
     assert accuracy(spec, params, x, Y_BINARY) == pytest.approx(0.8)
+
+
+def test_the_positive_class_names_which_recall_is_the_sensitivity():
+    """A data set whose condition is class 0 (breast cancer: malignant 0, benign 1)."""
+    spec, params = identity_model(2)
+    x = binary_rows(SCORES)
+    got = clinical_metrics(spec, params, x, Y_BINARY, positive=0)
+    assert got["sensitivity"] == pytest.approx(5 / 6) and got["specificity"] == pytest.approx(3 / 4)
+    assert got["auc"] == pytest.approx(43 / 48)  # the same ranking either way
+
+
+def test_a_task_names_its_positive_class_only_for_two_classes(tmp_path):
+    from fedledger import TaskOptions, load_dataset, provision
+
+    base = {"id": "t", "model": {"kind": "logreg", "n_features": 2, "n_classes": 2}}
+    assert TaskSpec.model_validate({**base, "positive_class": 0}).positive_class == 0
+    three = {"id": "t", "model": {"kind": "logreg", "n_features": 2, "n_classes": 3}}
+    with pytest.raises(ValueError, match="two-class tasks only"):
+        TaskSpec.model_validate({**three, "positive_class": 0})
+    # the bundled breast cancer site finds malignant tumours (class 0)
+    layout = provision(
+        tmp_path / "site", load_dataset("breast_cancer", seed=0), devices=2, alpha=1.0, seed=0,
+        options=TaskOptions(), broker_host="127.0.0.1", broker_port=1,
+    )  # fmt: skip
+    assert load_task(layout.task).positive_class == 0
 
 
 def test_binary_metrics_agree_with_scikit_learn_on_random_scores(rng):
