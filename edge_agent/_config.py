@@ -8,7 +8,7 @@ from typing import Annotated, Literal
 
 from pydantic import Field, field_validator
 
-from fedcore import BrokerSection, StrictModel, load_config, resolve_path
+from fedcore import BrokerSection, ServesMetrics, StrictModel, load_config, resolve_path
 
 
 class SignalSection(StrictModel):
@@ -46,7 +46,7 @@ class SignalSection(StrictModel):
         return None if value is None else resolve_path(value, info)
 
 
-class AgentSection(StrictModel):
+class AgentSection(ServesMetrics):
     device: str = Field(
         description="This device's id: its MQTT client id, its update topic and its entry in"
         " the gateway's registry."
@@ -92,16 +92,6 @@ class AgentSection(StrictModel):
         None,
         description="The board's class (a file from `firmware_configs/`): codec, epochs,"
         " batch size, and the memory and model-size budget a task must fit.",
-    )
-    metrics_port: Annotated[int, Field(ge=0, le=65535)] | None = Field(
-        None,
-        description="Serve Prometheus metrics at `http://metrics_host:metrics_port/metrics`;"
-        " 0 picks a free port; unset: not served.",
-    )
-    metrics_host: str = Field(
-        "127.0.0.1",
-        description="The address the metrics endpoint listens on; loopback unless a scraper"
-        " elsewhere needs it.",
     )
     resend_seconds: Annotated[float, Field(gt=0)] = Field(
         30.0,

@@ -10,12 +10,10 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from fedcore import (
-    AlreadyLocked,
     ConfigError,
     Message,
     ModelSpec,
     MqttTransport,
-    ProcessLock,
     Transport,
     Will,
     certificate_der,
@@ -31,6 +29,7 @@ from fedcore import (
     load_signal_windows,
     load_task,
     load_x25519_public_key,
+    lock_beside,
     presence_topic,
     signer_from_key,
 )
@@ -39,6 +38,7 @@ from ._agent import AgentError, EdgeAgent
 from ._config import AgentConfig, AgentSection, load_agent_config
 
 if TYPE_CHECKING:
+    from fedcore import ProcessLock
     from fedcore._data import Columns
 
     from ._metrics import AgentMetrics
@@ -168,13 +168,8 @@ def lock_state(state: Path) -> ProcessLock:
     """One agent per state file: two agents sharing one would reuse counters and train a
     round twice. The lock is ``<state>.lock`` beside it; a second agent is refused, naming
     the holder's PID."""
-    lock = state.with_name(state.name + ".lock")
     try:
-        lock.parent.mkdir(parents=True, exist_ok=True)
-        return ProcessLock(lock)
-    except AlreadyLocked as exc:
-        raise AgentError(
-            f"an agent is already running on {state} (PID {exc.pid}; lock {lock})"
-        ) from None
+        state.parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        raise AgentError(f"cannot lock agent state {state}: {exc}") from None
+        raise AgentError(f"cannot make the folder of agent state {state}: {exc}") from None
+    return lock_beside(state, holder="an agent", error=AgentError)

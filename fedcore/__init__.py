@@ -33,6 +33,7 @@ from ._codec import (
 )
 from ._config import (
     BrokerSection,
+    ServesMetrics,
     StrictModel,
     load_config,
     parse_broker_address,
@@ -84,13 +85,14 @@ from ._limits import (
     MAX_ROUND,
     MAX_SAMPLES,
 )
-from ._lock import AlreadyLocked, ProcessLock
+from ._lock import AlreadyLocked, ProcessLock, lock_beside
 from ._model import (
     MODEL_KINDS,
     ModelSpec,
     Params,
     accuracy,
     clinical_metrics,
+    evaluate_model,
     fake_quantize,
     init_params,
     model_hash,
@@ -242,6 +244,7 @@ __all__ = [
     "NotADatabaseError",
     "Params",
     "ProcessLock",
+    "ServesMetrics",
     "SignalWindower",
     "SignatureError",
     "Signer",
@@ -278,6 +281,7 @@ __all__ = [
     "encode_tensors",
     "encode_update",
     "epsilon",
+    "evaluate_model",
     "export_model",
     "export_onnx",
     "export_tflite",
@@ -300,6 +304,7 @@ __all__ = [
     "load_task",
     "load_x25519_private_key",
     "load_x25519_public_key",
+    "lock_beside",
     "model_hash",
     "model_payload",
     "model_topic",

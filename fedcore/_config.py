@@ -29,6 +29,21 @@ class StrictModel(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
 
 
+class ServesMetrics(StrictModel):
+    """The Prometheus endpoint keys a gateway's and an agent's section share."""
+
+    metrics_port: Annotated[int, Field(ge=0, le=65535)] | None = Field(
+        None,
+        description="Serve Prometheus metrics at `http://metrics_host:metrics_port/metrics`;"
+        " 0 picks a free port; unset: not served.",
+    )
+    metrics_host: str = Field(
+        "127.0.0.1",
+        description="The address the metrics endpoint listens on; loopback unless a scraper"
+        " elsewhere needs it.",
+    )
+
+
 class BrokerSection(StrictModel):
     """Where the MQTT broker is; shared by agent and gateway configs."""
 

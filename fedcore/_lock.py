@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import fcntl
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 
@@ -50,3 +51,19 @@ class ProcessLock:
         if self._fd is not None:
             os.close(self._fd)  # closing the descriptor drops the flock
             self._fd = None
+
+
+def lock_beside(
+    path: str | os.PathLike[str], *, holder: str, error: Callable[[str], Exception]
+) -> ProcessLock:
+    """Hold ``<path>.lock`` for the one process that may own ``path``; ``holder`` names its
+    kind ("a gateway") in the refusal, raised as ``error(message)``."""
+    path = Path(path)
+    lock = path.with_name(path.name + ".lock")
+    try:
+        return ProcessLock(lock)
+    except AlreadyLocked as exc:
+        message = f"{holder} is already running on {path} (PID {exc.pid}; lock {lock})"
+        raise error(message) from None
+    except OSError as exc:
+        raise error(f"cannot lock {path}: {exc}") from None

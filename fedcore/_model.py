@@ -275,20 +275,38 @@ def clinical_metrics(
     specificity) of a class absent from ``y``, and the AUC while fewer than two classes are
     present. Empty data gives ``{}``. Keys are ledger metric names.
     """
+    return evaluate_model(spec, params, x, y, positive=positive)[1]
+
+
+def evaluate_model(
+    spec: ModelSpec,
+    params: Mapping[str, np.ndarray],
+    x: np.ndarray,
+    y: np.ndarray,
+    *,
+    positive: int = 1,
+) -> tuple[float, dict[str, float]]:
+    """:func:`accuracy` and :func:`clinical_metrics` from one forward pass (what the gateway
+    computes as each round closes)."""
     y = np.asarray(y, dtype=np.int64)
     if len(y) == 0:
-        return {}
-    from sklearn.metrics import recall_score, roc_auc_score
-
+        return 0.0, {}
     logits = predict_logits(spec, params, x).astype(np.float64)
     predicted = np.argmax(logits, axis=1)
+    return float(np.mean(predicted == y)), _clinical(spec, logits, predicted, y, positive)
+
+
+def _clinical(
+    spec: ModelSpec, logits: np.ndarray, predicted: np.ndarray, y: np.ndarray, positive: int
+) -> dict[str, float]:
+    from sklearn.metrics import roc_auc_score
+
     prob = np.exp(logits - logits.max(axis=1, keepdims=True))
     prob /= prob.sum(axis=1, keepdims=True)
     present = [int(k) for k in np.unique(y)]
-    # Only classes present are asked for, so no recall divides by zero.
-    recalls = recall_score(y, predicted, labels=present, average=None, zero_division=0.0)
-    recall = dict(zip(present, (float(r) for r in recalls), strict=True))
-    metrics = {"balanced_accuracy": float(np.mean(recalls))}
+    # Only classes present are measured, so no recall divides by zero.
+    recall = {k: float(np.mean(predicted[y == k] == k)) for k in present}
+    metrics = {"balanced_accuracy": float(np.mean(list(recall.values())))}
     if len(present) >= 2:
         if spec.n_classes == 2:
             metrics["auc"] = float(roc_auc_score(y, prob[:, 1]))

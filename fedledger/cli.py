@@ -1175,6 +1175,7 @@ def model_export(
 
     from fedcore import decode_tensors, export_model, load_task, model_hash
     from gateway import UpdateStore
+    from ledger import MIN_HASH_PREFIX
 
     if (model is None) == (store is None) or (store is not None and not hash_):
         raise typer.BadParameter("give either --model, or --store with --hash")
@@ -1185,7 +1186,7 @@ def model_export(
     else:
         db = UpdateStore.open_readonly(store)
         try:
-            found = db.find_models(hash_.lower()) if len(hash_) >= 6 else []
+            found = db.find_models(hash_.lower()) if len(hash_) >= MIN_HASH_PREFIX else []
             if len(found) > 1:
                 shown = ", ".join(h[:16] for h in found)
                 raise typer.BadParameter(
@@ -1196,7 +1197,8 @@ def model_export(
             db.close()
         if payload is None:
             raise typer.BadParameter(
-                f"no model in {store} starts with {hash_} (give at least 6 hex digits)",
+                f"no model in {store} starts with {hash_} (give at least {MIN_HASH_PREFIX} hex"
+                " digits)",
                 param_hint="--hash",
             )
         params = decode_tensors(payload)

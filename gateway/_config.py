@@ -11,13 +11,14 @@ from pydantic import Field, field_validator, model_validator
 from fedcore import (
     DEFAULT_MAX_MESSAGE_BYTES,
     BrokerSection,
+    ServesMetrics,
     StrictModel,
     load_config,
     resolve_path,
 )
 
 
-class GatewaySection(StrictModel):
+class GatewaySection(ServesMetrics):
     id: Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.@-]{0,127}$")] = Field(
         "gateway",
         description="The gateway's name: its MQTT client id and its subject on the ledger.",
@@ -85,16 +86,6 @@ class GatewaySection(StrictModel):
         10.0,
         description="Seconds to wait for every registered device to come online before"
         " round 0 opens.",
-    )
-    metrics_port: Annotated[int, Field(ge=0, le=65535)] | None = Field(
-        None,
-        description="Serve Prometheus metrics at `http://metrics_host:metrics_port/metrics`;"
-        " 0 picks a free port; unset: not served.",
-    )
-    metrics_host: str = Field(
-        "127.0.0.1",
-        description="The address the metrics endpoint listens on; loopback unless a scraper"
-        " elsewhere needs it.",
     )
 
     @field_validator(

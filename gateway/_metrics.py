@@ -58,13 +58,13 @@ _CLINICAL_GAUGES = {
     ),
     "global_model_sensitivity_ratio": (
         "sensitivity",
-        "Sensitivity (recall of class 1, 0..1) of the last global model of a two-class task on"
-        " the held-out evaluation data.",
+        "Sensitivity (recall of the task's positive_class, by default class 1; 0..1) of the"
+        " last global model of a two-class task on the held-out evaluation data.",
     ),
     "global_model_specificity_ratio": (
         "specificity",
-        "Specificity (recall of class 0, 0..1) of the last global model of a two-class task on"
-        " the held-out evaluation data.",
+        "Specificity (recall of the other class; 0..1) of the last global model of a two-class"
+        " task on the held-out evaluation data.",
     ),
 }
 _RECALL = "recall_"

@@ -27,12 +27,11 @@ from fedcore import (
     TensorView,
     Transport,
     UpdateHeader,
-    accuracy,
-    clinical_metrics,
     crash_point,
     decode_envelope,
     decode_tensors,
     encode_model,
+    evaluate_model,
     init_params,
     iter_tensors,
     model_hash,
@@ -264,9 +263,8 @@ class RoundRunner:
         new_hash = model_hash(params)
         acc, clinical = None, {}
         if self.evaluation is not None:
-            acc = accuracy(self.spec, params, *self.evaluation)
             positive = 1 if self.task.positive_class is None else self.task.positive_class
-            clinical = clinical_metrics(self.spec, params, *self.evaluation, positive=positive)
+            acc, clinical = evaluate_model(self.spec, params, *self.evaluation, positive=positive)
         closed_at = self._clock()
         record = round_record(
             current,

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from fedcore import AlreadyLocked, ProcessLock, connect_readonly, table_names
+from fedcore import ProcessLock, connect_readonly, lock_beside, table_names
 
 from ._errors import GatewayError
 
@@ -171,15 +171,7 @@ class UpdateStore:
         self._lock = threading.Lock()
         _refuse_foreign(self.path)
         if exclusive:
-            lock = self.path.with_name(self.path.name + ".lock")
-            try:
-                self._owner = ProcessLock(lock)
-            except AlreadyLocked as exc:
-                raise GatewayError(
-                    f"a gateway is already running on {self.path} (PID {exc.pid}; lock {lock})"
-                ) from None
-            except OSError as exc:
-                raise GatewayError(f"cannot lock update store {self.path}: {exc}") from None
+            self._owner = lock_beside(self.path, holder="a gateway", error=GatewayError)
         try:
             self._db = sqlite3.connect(
                 str(self.path), isolation_level=None, check_same_thread=False

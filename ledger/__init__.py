@@ -7,7 +7,7 @@ in SQLite, zero setup) or the Hyperledger Fabric client in ``ledger.fabric``.
 
 from ._backend import BlockInfo, LedgerBackend, VerifyReport
 from ._context import Identity, MemoryContext, MemoryWorldState, MVCCConflictError, TxContext
-from ._contract import CODES, ContractError, FedLedgerContract
+from ._contract import CODES, MIN_HASH_PREFIX, ContractError, FedLedgerContract
 from ._embedded import EmbeddedLedger
 from ._errors import ChainError, LedgerError
 from ._merkle import leaf_hash, merkle_root
@@ -17,6 +17,7 @@ from ._store_check import DISCREPANCY_KINDS, Discrepancy, GatewayStore, StoreChe
 __all__ = [
     "CODES",
     "DISCREPANCY_KINDS",
+    "MIN_HASH_PREFIX",
     "BlockInfo",
     "ChainError",
     "ContractError",

@@ -26,7 +26,8 @@ def test_surfaces():
         "EdgeAgent", "InferenceError", "Predictor", "load_agent_config", "open_agent", "run_agent",
     }  # fmt: skip
     assert set(ledger.__all__) == {
-        "CODES", "DISCREPANCY_KINDS", "BlockInfo", "ChainError", "ContractError", "Discrepancy",
+        "CODES", "DISCREPANCY_KINDS", "MIN_HASH_PREFIX", "BlockInfo", "ChainError", "ContractError",
+        "Discrepancy",
         "EmbeddedLedger", "FedLedgerContract", "GatewayStore", "Identity", "LedgerBackend",
         "LedgerError", "MVCCConflictError", "MemoryContext", "MemoryWorldState", "StoreCheck",
         "TxContext", "VerifyReport", "leaf_hash", "merkle_root", "privacy_report",
