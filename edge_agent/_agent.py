@@ -25,13 +25,17 @@ from fedcore import (
     ALG_ECDSA_P256,
     ALG_ED25519,
     DEFAULT_K_FRACTION,
+    MASKED_CODEC,
     TYPE_MODEL,
+    TYPE_STAGE,
     DeviceClass,
     FedledgerError,
     Message,
     ModelHeader,
+    SecAggError,
     SignatureError,
     Signer,
+    StageHeader,
     TaskSpec,
     Transport,
     UpdateHeader,
@@ -43,7 +47,10 @@ from fedcore import (
     decode_tensors,
     encode_tensors,
     encode_update,
+    inbox_topic,
     model_topic,
+    secagg_topic,
+    stage_topic,
     topk_with_feedback,
     train,
     update_topic,
@@ -52,6 +59,7 @@ from fedcore import (
 
 if TYPE_CHECKING:
     from ._metrics import AgentMetrics
+    from ._secagg import DeviceRound
 
 log = logging.getLogger(__name__)
 
@@ -213,9 +221,14 @@ class EdgeAgent:
         self._sent_at = 0.0
         #: What top-k left out of earlier updates, added back next round (error feedback).
         self.residual: dict[str, np.ndarray] | None = None
+        #: A secure aggregation task's open round on this device (its secrets: memory only).
+        self.secagg: DeviceRound | None = None
 
     def start(self) -> None:
         self.transport.subscribe(model_topic(self.task.id), 1)
+        if self.task.secagg is not None:
+            self.transport.subscribe(stage_topic(self.task.id), 1)
+            self.transport.subscribe(inbox_topic(self.task.id, self.device), 1)
         self.transport.start()
         release_free_memory()
 
@@ -237,7 +250,10 @@ class EdgeAgent:
             self._maybe_resend()
             return
         newest = None
+        stages = []
         while True:
+            if message.topic != model_topic(self.task.id):
+                stages.append(message)  # after the model they may belong to
             opened = self._open_model(message)
             if opened is not None and (newest is None or opened[0].round > newest[0].round):
                 newest = opened
@@ -247,24 +263,23 @@ class EdgeAgent:
                 break
         if newest is not None and self.final_model is None:
             self._train_and_send(newest[0], decode_tensors(newest[1]))
+        for message in stages:
+            self._on_stage(message)
 
     def handle(self, message: Message) -> None:
         opened = self._open_model(message)
         if opened is not None:
             self._train_and_send(opened[0], decode_tensors(opened[1]))
+        elif message.topic != model_topic(self.task.id):
+            self._on_stage(message)
 
     def _open_model(self, message: Message) -> tuple[ModelHeader, bytes] | None:
         """A verified global model to train on (header and payload), or ``None``: not a model,
         not ours, already trained on, or the final model (recorded)."""
         if message.topic != model_topic(self.task.id):
             return None
-        try:
-            envelope = decode_envelope(message.payload, max_bytes=64 << 20)
-            if envelope.type != TYPE_MODEL:
-                raise WireError("wrong_type", "not a model message")
-            verify_signature(self._gateway_key, envelope.signature, envelope.signed)
-        except (WireError, SignatureError) as exc:
-            log.warning("ignored a global model message: %s", exc)
+        envelope = self._from_gateway(message, TYPE_MODEL, "global model", 64 << 20)
+        if envelope is None:
             return None
         header = envelope.header
         assert isinstance(header, ModelHeader)
@@ -300,6 +315,18 @@ class EdgeAgent:
                 log.info("round %d: not sampled; waiting for the next round", header.round)
             return None
         return header, envelope.payload
+
+    def _from_gateway(self, message: Message, kind: int, what: str, limit: int):
+        """The envelope of a ``kind`` message the gateway signed, or None (logged)."""
+        try:
+            envelope = decode_envelope(message.payload, max_bytes=limit)
+            if envelope.type != kind:
+                raise WireError("wrong_type", f"not a {what} message")
+            verify_signature(self._gateway_key, envelope.signature, envelope.signed)
+        except (WireError, SignatureError) as exc:
+            log.warning("ignored a %s message: %s", what, exc)
+            return None
+        return envelope
 
     def _join_run(self, run: str) -> None:
         """A model of ``run``: record it; a run other than the one the state's rounds belong
@@ -355,6 +382,9 @@ class EdgeAgent:
         if self.metrics is not None:
             self.metrics.training.observe(time.perf_counter() - started)
         delta = {k: local[k] - global_params[k] for k in global_params}
+        if self.task.secagg is not None:
+            self._secagg_keys(header, delta)
+            return
         if self.codec.startswith("topk"):
             delta, self.residual = topk_with_feedback(
                 delta, self.residual, self.k_fraction, codec=self.codec
@@ -395,4 +425,94 @@ class EdgeAgent:
         self.bytes_sent += len(frame)
         log.info("round %d: sent %d-byte update", header.round, len(frame))
         del local, delta, payload, frame  # the round's arrays: their pages can go back now
+        release_free_memory()
+
+    # ------------------------------------------------------------ secure aggregation
+    def _secagg_keys(self, header: ModelHeader, delta: dict[str, np.ndarray]) -> None:
+        """Secure aggregation: clip and quantize the update, keep it for masking, and send
+        this round's public keys. Nothing of the round is persisted but its counters: a
+        restart drops the device out of the round (its secrets are gone)."""
+        from fedcore.secagg import quantize
+
+        from ._secagg import DeviceRound
+
+        delta, norm = clip_update(delta, self.task.secagg_clip)
+        log.debug("round %d: update norm %.4g, clipped to %.4g", header.round, norm,
+                  self.task.secagg_clip)  # fmt: skip
+        shapes = self.spec.shapes()
+        flat = np.concatenate([np.asarray(delta[name], np.float64).reshape(-1) for name in shapes])
+        label = f"{self._seed}/{self.device}/{header.round}/quantize".encode()
+        rng = np.random.default_rng(int.from_bytes(hashlib.sha256(label).digest()[:8], "big"))
+        self.secagg = DeviceRound(
+            task=self.task.id, round_=header.round, base=header.model_hash, device=self.device,
+            shapes=shapes, quantized=quantize(flat, self.task.secagg_range, rng),
+        )  # fmt: skip
+        self.state.last_round = header.round
+        self.state.pending = None
+        self._send_stage("secagg-keys", self.secagg.keys_payload())
+        self.rounds_trained += 1
+        log.info("round %d: trained; sent secure aggregation keys", header.round)
+
+    def _send_stage(self, codec: str, payload: bytes) -> bytes:
+        """Sign and send one secure aggregation message (the masked input goes to the update
+        topic, and stays pending like any update; the others to this device's secagg topic)."""
+        session = self.secagg
+        assert session is not None
+        self.state.counter += 1
+        frame = encode_update(
+            UpdateHeader(
+                task=self.task.id, round=session.round, device=self.device, base=session.base,
+                samples=len(self.y), codec=codec, counter=self.state.counter,
+                alg=ALG_ED25519 if self._certificate is None else ALG_ECDSA_P256,
+                cert=base64.b64encode(self._certificate or b"").decode("ascii"),
+            ),
+            payload,
+            self._signer,
+        )  # fmt: skip
+        masked = codec == MASKED_CODEC
+        if masked:
+            self.state.pending = frame
+        self.state.save(self._state_path)  # before sending: a counter is never reused
+        topic = (update_topic if masked else secagg_topic)(self.task.id, self.device)
+        self.transport.publish(topic, frame, qos=1)
+        self.bytes_sent += len(frame)
+        if masked:
+            self._sent_at = self._clock()
+        return frame
+
+    def _on_stage(self, message: Message) -> None:
+        """A signed message of the gateway's secure aggregation stages."""
+        from ._secagg import SecAggAbort
+
+        session = self.secagg
+        if session is None or message.topic not in (
+            stage_topic(self.task.id),
+            inbox_topic(self.task.id, self.device),
+        ):
+            return
+        envelope = self._from_gateway(message, TYPE_STAGE, "secure aggregation", 16 << 20)
+        if envelope is None:
+            return
+        header = envelope.header
+        assert isinstance(header, StageHeader)
+        if not session.matches(header) or header.to not in ("", self.device):
+            return  # another round's (a retained message), or not to this device
+        handlers = {
+            "roster": (session.on_roster, "secagg-shares"),
+            "relay": (session.on_relay, MASKED_CODEC),
+            "unmask": (session.on_unmask, "secagg-reveal"),
+        }
+        handler, codec = handlers[header.stage]
+        try:
+            payload = handler(json.loads(envelope.payload))
+        except (SecAggAbort, SecAggError, ValueError, TypeError, KeyError) as exc:
+            log.warning("round %d: left secure aggregation: %s", session.round, exc)
+            self.secagg = None
+            return
+        if payload is None:
+            return
+        frame = self._send_stage(codec, payload)
+        log.info("round %d: answered the %s (%d bytes)", session.round, header.stage, len(frame))
+        if header.stage == "unmask":
+            self.secagg = None
         release_free_memory()

@@ -8,6 +8,7 @@ Layout (little-endian), documented in ``docs/wire.md``::
         u8  dtype       1 = float32          2 = int8, per tensor
                         3 = int8, per channel 4 = int4, per tensor
                         5 = sparse float32    6 = sparse int8
+                        7 = masked residues (secure aggregation)
         u8  ndim        0..4
         ndim x u32      dims
         dtype-specific body (below)
@@ -20,6 +21,9 @@ Layout (little-endian), documented in ``docs/wire.md``::
                     low nibble first, an odd count pads the last high nibble with 0
     5  sparse f32:  u32 k, k x u32 flat indices, k x f32 values
     6  sparse int8: u32 k, k x u32 flat indices, f32 scale, k x i8 values
+    7  masked:      u8 bits (8..32), ceil(prod(dims) * bits / 8) bytes: residues modulo
+                    2**bits, ``bits`` each, little-endian bit order (secure aggregation:
+                    meaningless alone, summed by the gateway; yielded as uint32)
 
 Codecs 1 and 2 are the wire's original encodings and stay byte for byte what they were.
 Decoding is strict: every length is checked against what is left before anything is read,
@@ -52,6 +56,9 @@ from ._errors import CodecError
 CodecName = Literal["f32", "int8", "int8-channel", "int4", "topk-f32", "topk-int8"]
 #: Every payload codec, as named in task specs, device classes and update headers.
 CODECS: tuple[str, ...] = ("f32", "int8", "int8-channel", "int4", "topk-f32", "topk-int8")
+#: The update codec of a secure aggregation task's masked inputs (dtype 7): not a task
+#: codec; the device quantizes with the task's, and adds masks (``_secagg``).
+MASKED_CODEC = "secagg"
 #: Share of each tensor's values a top-k codec keeps unless told otherwise.
 DEFAULT_K_FRACTION = 0.01
 
@@ -61,7 +68,8 @@ _DTYPE_INT8_CHANNEL = 3
 _DTYPE_INT4 = 4
 _DTYPE_SPARSE_F32 = 5
 _DTYPE_SPARSE_INT8 = 6
-_DTYPES = frozenset(range(1, 7))
+_DTYPE_MASKED = 7
+_DTYPES = frozenset(range(1, 8))
 _MAX_NDIM = 4
 _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_.]{0,63}$")
 # Smallest positive normal float32: a scale never rounds to 0 on its way to the wire.
@@ -311,6 +319,40 @@ class _Reader:
         return float(value)
 
 
+def encode_masked(tensors: Mapping[str, np.ndarray], shapes, bits: int) -> bytes:
+    """A masked input's payload: each tensor's residues modulo ``2**bits`` (uint32, flat,
+    in the model's order) packed ``bits`` each (dtype 7)."""
+    if not 8 <= bits <= 32:
+        raise CodecError("bad_value", f"{bits} residue bits (8 to 32)")
+    parts = [struct.pack("<H", len(tensors))]
+    for name, value in tensors.items():
+        shape = tuple(shapes[name])
+        raw_name = name.encode("ascii")
+        flat = np.ascontiguousarray(value, dtype="<u4").reshape(-1)
+        if flat.size != math.prod(shape):
+            raise CodecError("bad_shape", f"tensor {name} has {flat.size} residues for {shape}")
+        parts += [
+            struct.pack("<B", len(raw_name)) + raw_name,
+            struct.pack("<BB", _DTYPE_MASKED, len(shape)),
+            struct.pack(f"<{len(shape)}I", *shape),
+            struct.pack("<B", bits),
+            _pack_residues(flat, bits),
+        ]
+    return b"".join(parts)
+
+
+def _pack_residues(values: np.ndarray, bits: int) -> bytes:
+    unpacked = np.unpackbits(values.view(np.uint8).reshape(-1, 4), axis=1, bitorder="little")
+    return np.packbits(unpacked[:, :bits].reshape(-1), bitorder="little").tobytes()
+
+
+def _unpack_residues(raw, bits: int, count: int) -> np.ndarray:
+    flat = np.unpackbits(np.frombuffer(raw, dtype=np.uint8), bitorder="little")
+    full = np.zeros((count, 32), dtype=np.uint8)
+    full[:, :bits] = flat[: count * bits].reshape(count, bits)
+    return np.packbits(full, axis=1, bitorder="little").view("<u4").reshape(count)
+
+
 def iter_tensors(payload: bytes, *, max_elements: int) -> Iterator[TensorView]:
     """Walk a payload strictly, yielding one :class:`TensorView` per tensor.
 
@@ -351,6 +393,15 @@ def iter_tensors(payload: bytes, *, max_elements: int) -> Iterator[TensorView]:
             scale = reader.scale(name)
             data = np.frombuffer(take(size, "data"), dtype=np.int8)
             yield TensorView(name=name, shape=shape, data=data, scale=scale)
+        elif dtype_code == _DTYPE_MASKED:
+            (bits,) = struct.unpack("<B", take(1, "bits"))
+            if not 8 <= bits <= 32:
+                raise CodecError("bad_value", f"tensor {name} has {bits} residue bits")
+            data = _unpack_residues(take((size * bits + 7) // 8, "data"), bits, size)
+            if bits < 32 and size and int(data.max()) >> bits:
+                raise CodecError("bad_value", f"tensor {name} has residues over {bits} bits")
+            data.flags.writeable = False
+            yield TensorView(name=name, shape=shape, data=data, scale=1.0)
         else:
             with np.errstate(over="ignore", invalid="ignore"):  # overflow -> inf -> refused
                 dense = _DECODERS[dtype_code](reader, name, shape, size)
@@ -438,6 +489,8 @@ def decode_tensors(payload: bytes, *, max_elements: int = 10_000_000) -> dict[st
     """Decode a payload into float32 arrays, refusing NaN and Inf."""
     out: dict[str, np.ndarray] = {}
     for view in iter_tensors(payload, max_elements=max_elements):
+        if view.data.dtype == np.uint32:
+            raise CodecError("bad_dtype", f"tensor {view.name} is masked: it has no value alone")
         array = view.dequantize()
         if not np.all(np.isfinite(array)):
             raise CodecError("non_finite", f"tensor {view.name} holds NaN or Inf")

@@ -24,9 +24,13 @@ from fedcore import (
     ConfigError,
     atomic_write_text,
     claim_folder,
+    inbox_topic,
     model_topic,
     presence_subscription,
     presence_topic,
+    secagg_subscription,
+    secagg_topic,
+    stage_topic,
     update_subscription,
     update_topic,
 )
@@ -112,21 +116,29 @@ def render_acl(
         "# allowed to connect anyway).",
     ]
     for gateway in gateways:
-        lines += ["", f"# gateway {gateway}: reads every device's updates and presence, publishes"]
-        lines.append("# the global model (retained).")
+        lines += ["", f"# gateway {gateway}: reads every device's updates, presence and secure"]
+        lines.append("# aggregation messages, publishes the global model and the secure")
+        lines.append("# aggregation stages (retained), and each device's relayed shares.")
         lines.append(f"user {gateway}")
         for task in tasks:
             lines.append(f"topic read {update_subscription(task)}")
             lines.append(f"topic read {presence_subscription(task)}")
+            lines.append(f"topic read {secagg_subscription(task)}")
             lines.append(f"topic write {model_topic(task)}")
+            lines.append(f"topic write {stage_topic(task)}")
+            lines.append(f"topic write {inbox_topic(task, '+')}")
     for device in devices:
-        lines += ["", f"# device {device}: publishes its own updates and presence (its last will"]
-        lines.append("# too), reads the global model; it cannot read other devices' traffic.")
+        lines += ["", f"# device {device}: publishes its own updates, presence (its last will"]
+        lines.append("# too) and secure aggregation messages, reads the global model, the stages")
+        lines.append("# and its own inbox; it cannot read other devices' traffic.")
         lines.append(f"user {device}")
         for task in tasks:
             lines.append(f"topic write {update_topic(task, device)}")
             lines.append(f"topic write {presence_topic(task, device)}")
+            lines.append(f"topic write {secagg_topic(task, device)}")
             lines.append(f"topic read {model_topic(task)}")
+            lines.append(f"topic read {stage_topic(task)}")
+            lines.append(f"topic read {inbox_topic(task, device)}")
     for publisher in publishers:
         lines += ["", f"# benchmark publisher {publisher}: writes any device's updates (a load"]
         lines.append("# generator; the gateway still checks each update's device signature).")

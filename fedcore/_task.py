@@ -17,6 +17,7 @@ from ._errors import ConfigError
 from ._limits import MAX_ROUND
 from ._model import ModelSpec
 from ._privacy import DPSection
+from .secagg import SecAggSection
 
 #: The aggregation rules differential privacy composes with: a (clipped, noised) sum.
 DP_RULES = ("fedavg", "fedprox")
@@ -221,6 +222,12 @@ class TaskSpec(StrictModel):
         " Gaussian noise on their sum, optional Poisson sampling of devices, and a budget"
         " (docs/privacy.md); needs fedavg or fedprox without options, and synchronous rounds.",
     )
+    secagg: SecAggSection | None = Field(
+        None,
+        description="Present: secure aggregation (SecAgg+): devices mask their quantized"
+        " updates so the gateway learns only their sum (docs/privacy.md); needs fedavg or"
+        " fedprox without options and synchronous rounds, and composes with `[dp]`.",
+    )
     positive_class: Annotated[int, Field(ge=0, le=1)] | None = Field(
         None,
         description="Two-class tasks: the class the model is to find (the condition, e.g."
@@ -247,6 +254,38 @@ class TaskSpec(StrictModel):
         if self.asynchronous is not None:
             raise ValueError("dp runs synchronous rounds; remove [asynchronous]")
         return self
+
+    @model_validator(mode="after")
+    def _secagg_composes(self):
+        if self.secagg is None:
+            return self
+        if self.aggregation not in DP_RULES or self.aggregation_options:
+            raise ValueError(
+                f"secagg needs aggregation {' or '.join(DP_RULES)} without aggregation_options:"
+                " the gateway sees only the sum, so rules that look at each update cannot run"
+            )
+        if self.asynchronous is not None:
+            raise ValueError("secagg runs synchronous rounds; remove [asynchronous]")
+        if self.secagg.clip is None and self.dp is None:
+            raise ValueError("secagg needs a clip: set secagg.clip, or a [dp] section")
+        clip = self.secagg.clip
+        if clip is not None and self.dp is not None and clip != self.dp.clip:
+            raise ValueError("secagg.clip and dp.clip differ; set one of them")
+        return self
+
+    @property
+    def secagg_clip(self) -> float:
+        """The L2 norm a secure aggregation task's devices clip to."""
+        assert self.secagg is not None
+        if self.secagg.clip is not None:
+            return self.secagg.clip
+        assert self.dp is not None
+        return self.dp.clip
+
+    @property
+    def secagg_range(self) -> float:
+        assert self.secagg is not None
+        return self.secagg.range if self.secagg.range is not None else self.secagg_clip
 
     @model_validator(mode="after")
     def _columns_fit_model(self):
@@ -278,7 +317,7 @@ class TaskSpec(StrictModel):
         # An absent section is left out, so synchronous tasks keep the hash they had.
         absent = {
             name
-            for name in ("asynchronous", "columns", "dp", "quorum", "positive_class")
+            for name in ("asynchronous", "columns", "dp", "secagg", "quorum", "positive_class")
             if getattr(self, name) is None
         }
         exclude = absent or None
@@ -306,5 +345,6 @@ def ledger_privacy(task: TaskSpec) -> dict:
     """What ``CreateTask`` records as the task's privacy terms."""
     return {
         "dp": None if task.dp is None else task.dp.ledger_terms(),
-        "secure_aggregation": False,
+        "secure_aggregation": task.secagg is not None,
+        **({} if task.secagg is None else {"secagg": task.secagg.ledger_terms()}),
     }

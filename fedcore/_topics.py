@@ -37,9 +37,29 @@ def presence_subscription(task: str) -> str:
     return f"{PREFIX}/{task}/presence/+"
 
 
+def secagg_topic(task: str, device: str) -> str:
+    """Where ``device`` publishes its secure aggregation messages (keys, shares, reveals)."""
+    return f"{PREFIX}/{task}/secagg/{device}"
+
+
+def secagg_subscription(task: str) -> str:
+    return f"{PREFIX}/{task}/secagg/+"
+
+
+def stage_topic(task: str) -> str:
+    """Retained: the gateway's current secure aggregation message to every device."""
+    return f"{PREFIX}/{task}/stage"
+
+
+def inbox_topic(task: str, device: str) -> str:
+    """Retained: the gateway's secure aggregation message to ``device`` alone (its shares)."""
+    return f"{PREFIX}/{task}/inbox/{device}"
+
+
 def device_from_topic(topic: str, task: str) -> str | None:
-    """The device id in an update or presence topic of ``task``, or None if it is not one."""
-    for kind in ("update", "presence"):
+    """The device id in an update, presence or secagg topic of ``task``, or None if it is
+    not one."""
+    for kind in ("update", "presence", "secagg"):
         head = f"{PREFIX}/{task}/{kind}/"
         if topic.startswith(head):
             device = topic[len(head) :]

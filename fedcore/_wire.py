@@ -6,7 +6,7 @@ Frame (big-endian lengths)::
     offset  size  field
     0       4     magic b"FLDG"
     4       1     wire version (1)
-    5       1     message type (1 = update, 2 = model)
+    5       1     message type (1 = update, 2 = model, 3 = stage)
     6       2     header length H (<= 2048)
     8       4     payload length P
     12      H     header: canonical JSON object, fields fixed per type
@@ -36,7 +36,7 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X
 
 from ._canonical import canonical_json
 from ._certs import ALG_ECDSA_P256, ALG_ED25519, MAX_CERTIFICATE_BYTES, SIGNING_ALGS
-from ._codec import CODECS
+from ._codec import CODECS, MASKED_CODEC
 from ._errors import DecryptError, WireError
 from ._seal import ENC_X25519_AES256GCM, open_sealed, seal
 from ._signing import SIGNATURE_BYTES, Signer
@@ -46,6 +46,14 @@ MAGIC = b"FLDG"
 WIRE_VERSION = 1
 TYPE_UPDATE = 1
 TYPE_MODEL = 2
+#: A secure aggregation message from the gateway (roster, relayed shares, unmask request).
+TYPE_STAGE = 3
+#: What a device's update header may name as its codec: a task codec, the masked input of
+#: secure aggregation, or one of its protocol messages (JSON payloads on the secagg topic).
+STAGE_CODECS = ("secagg-keys", "secagg-shares", "secagg-reveal")
+UPDATE_CODECS = (*CODECS, MASKED_CODEC, *STAGE_CODECS)
+#: The gateway's secure aggregation messages, in the order a round sends them.
+STAGES = ("roster", "relay", "unmask")
 PREFIX_BYTES = 12
 MAX_HEADER_BYTES = 2048
 DEFAULT_MAX_MESSAGE_BYTES = 1 << 20
@@ -95,11 +103,24 @@ class ModelHeader:
 
 
 @dataclass(frozen=True, slots=True)
+class StageHeader:
+    """A secure aggregation message of the gateway (``docs/wire.md``, type 3)."""
+
+    task: str
+    round: int
+    stage: str  # one of STAGES
+    base: str  # the round's base model
+    payload_sha256: str = ""
+    #: To one device (``relay``: its shares, on its inbox topic); ``""``: to every device.
+    to: str = ""
+
+
+@dataclass(frozen=True, slots=True)
 class Envelope:
     """A decoded frame; the signature is not yet checked."""
 
     type: int
-    header: UpdateHeader | ModelHeader
+    header: UpdateHeader | ModelHeader | StageHeader
     signed: bytes  # the exact bytes the signature covers
     payload: bytes
     signature: bytes
@@ -200,6 +221,15 @@ def encode_model(header: ModelHeader, payload: bytes, signer: Signer) -> bytes:
     return _frame(TYPE_MODEL, fields, payload, signer)
 
 
+def encode_stage(header: StageHeader, payload: bytes, signer: Signer) -> bytes:
+    fields = asdict(header)
+    if not header.to:
+        del fields["to"]
+    fields["payload_sha256"] = hashlib.sha256(payload).hexdigest()
+    _check_stage(fields)
+    return _frame(TYPE_STAGE, fields, payload, signer)
+
+
 def decode_envelope(data: bytes, *, max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> Envelope:
     """Split and check a frame without trusting any of it.
 
@@ -215,7 +245,7 @@ def decode_envelope(data: bytes, *, max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) 
         raise WireError("malformed", "bad magic")
     if version != WIRE_VERSION:
         raise WireError("unsupported_version", f"wire version {version}, expected 1")
-    if kind not in (TYPE_UPDATE, TYPE_MODEL):
+    if kind not in (TYPE_UPDATE, TYPE_MODEL, TYPE_STAGE):
         raise WireError("malformed", f"unknown message type {kind}")
     if header_len > MAX_HEADER_BYTES:
         raise WireError("malformed", f"header length {header_len} over {MAX_HEADER_BYTES}")
@@ -241,10 +271,13 @@ def decode_envelope(data: bytes, *, max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) 
         raise WireError("malformed", "header is not canonical JSON") from None
     if canonical != header_bytes:
         raise WireError("malformed", "header is not canonical JSON")
-    header: UpdateHeader | ModelHeader
+    header: UpdateHeader | ModelHeader | StageHeader
     if kind == TYPE_UPDATE:
         _check_update(fields)
         header = UpdateHeader(**fields)
+    elif kind == TYPE_STAGE:
+        _check_stage(fields)
+        header = StageHeader(**fields)
     else:
         _check_model(fields)
         if "sampled" in fields:
@@ -325,8 +358,33 @@ def _check_update(fields: dict[str, Any]) -> None:
         raise WireError("malformed", "round and counter must be in [0, 2**53)")
     if not 1 <= fields["samples"] < _MAX_INT:
         raise WireError("malformed", "samples must be in [1, 2**53)")
-    if fields["codec"] not in CODECS:
-        raise WireError("malformed", f"codec must be one of {CODECS}")
+    if fields["codec"] not in UPDATE_CODECS:
+        raise WireError("malformed", f"codec must be one of {UPDATE_CODECS}")
+
+
+_STAGE_FIELDS = {
+    "task": str,
+    "round": int,
+    "stage": str,
+    "base": str,
+    "payload_sha256": str,
+}
+
+
+def _check_stage(fields: dict[str, Any]) -> None:
+    to = fields.get("to")
+    _require({k: v for k, v in fields.items() if k != "to"}, _STAGE_FIELDS)
+    if to is not None:
+        if not isinstance(to, str):
+            raise WireError("malformed", "header field to must be str")
+        _check_identifier(to, "to")
+    _check_identifier(fields["task"], "task")
+    _check_hex64(fields["base"], "base")
+    _check_hex64(fields["payload_sha256"], "payload_sha256")
+    if not 0 <= fields["round"] < _MAX_INT:
+        raise WireError("malformed", "round must be in [0, 2**53)")
+    if fields["stage"] not in STAGES:
+        raise WireError("malformed", f"stage must be one of {STAGES}")
 
 
 def _check_model(fields: dict[str, Any]) -> None:

@@ -208,6 +208,7 @@ def run_demo(
         "aggregation": options.task.aggregation,
         "secure": options.secure,
         "privacy": privacy,
+        "secure_aggregation": options.task.secagg is not None,
         "device_samples": layout.device_samples,
         "device_labels": layout.device_labels,
         "rounds": [

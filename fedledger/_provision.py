@@ -47,6 +47,9 @@ class TaskOptions:
     #: The task's ``[dp]`` terms (``noise_multiplier``, ``clip``, ``budget_epsilon``,
     #: optionally ``sampling`` and ``target_delta``); a sampling seed is made when needed.
     dp: dict | None = None
+    #: The task's ``[secagg]`` terms (``clip`` unless ``dp`` sets one, ``neighbours``,
+    #: ``threshold``, ``stage_timeout``): the gateway learns only each round's sum.
+    secagg: dict | None = None
 
 
 def device_ids(n: int) -> list[str]:
@@ -134,6 +137,8 @@ def _provision(
             terms["seed_sha256"] = new_dp_seed(root / "keys" / "dp-seed")
             gateway_dp = {"dp_seed": "keys/dp-seed"}
         task["dp"] = terms
+    if options.secagg is not None:
+        task["secagg"] = dict(options.secagg)
     if options.quorum is None:
         del task["quorum"]  # a majority of the fleet
     if dataset.name in POSITIVE_CLASS and dataset.n_classes == 2:

@@ -146,15 +146,20 @@ def demo(
     privacy: Annotated[
         str,
         typer.Option(
-            help="none, or dp: client-level differential privacy (clipped updates, Gaussian"
-            " noise on their sum, a budget the ledger records; docs/privacy.md)."
+            help="none; dp: client-level differential privacy (clipped updates, Gaussian"
+            " noise on their sum, a budget the ledger records); secagg: secure aggregation"
+            " (the gateway learns only each round's sum, SecAgg+); both: dp over secagg"
+            " (docs/privacy.md)."
         ),
     ] = "none",
     noise_multiplier: Annotated[
         float, typer.Option(min=0.01, max=100, help="With --privacy dp: noise std / clip.")
     ] = 1.0,
     clip: Annotated[
-        float, typer.Option(min=1e-6, help="With --privacy dp: the L2 bound of each update.")
+        float,
+        typer.Option(
+            min=1e-6, help="With --privacy dp, secagg or both: the L2 bound of each update."
+        ),
     ] = 1.0,
     sampling: Annotated[
         float,
@@ -199,15 +204,17 @@ def demo(
         )
     if agents not in ("process", "thread"):
         raise typer.BadParameter("must be process or thread", param_hint="--agents")
-    if privacy not in ("none", "dp"):
-        raise typer.BadParameter("must be none or dp", param_hint="--privacy")
-    if privacy == "dp" and aggregation not in ("fedavg", "fedprox"):
+    if privacy not in ("none", "dp", "secagg", "both"):
+        raise typer.BadParameter("must be none, dp, secagg or both", param_hint="--privacy")
+    if privacy != "none" and aggregation not in ("fedavg", "fedprox"):
         raise typer.BadParameter(
-            "differential privacy composes only with fedavg or fedprox (docs/privacy.md)",
+            f"--privacy {privacy} composes only with fedavg or fedprox (docs/privacy.md)",
             param_hint="--aggregation",
         )
-    dp = None
-    if privacy == "dp":
+    dp = secagg = None
+    if privacy in ("secagg", "both"):
+        secagg = {} if privacy == "both" else {"clip": clip}
+    if privacy in ("dp", "both"):
         dp = {
             "noise_multiplier": noise_multiplier,
             "clip": clip,
@@ -239,6 +246,7 @@ def demo(
             lr=lr,
             aggregation=aggregation,
             dp=dp,
+            secagg=secagg,
         ),
     )
     table = RoundTable(console, rounds=rounds, devices=devices, enabled=not (quiet or as_json))

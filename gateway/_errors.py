@@ -42,6 +42,10 @@ REJECT_REASONS = (
     "non_finite",
     "round_closed",
     "not_sampled",
+    # secure aggregation
+    "codec_mismatch",
+    "stage_closed",
+    "not_in_round",
 )
 
 

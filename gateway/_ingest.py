@@ -113,8 +113,7 @@ class Ingest:
             self._presence(message.topic[len(self._presence_prefix) :], message)
             return
         if self.protocol.on_message(message):
-            message.acknowledge()
-            return
+            return  # the protocol acknowledges it once it is durable
         if not self._started:
             self._held.append(message)
             return

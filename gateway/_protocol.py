@@ -80,6 +80,11 @@ class RoundProtocol:
         """Whether the round may close before its deadline (``live``: devices not revoked)."""
         return len(current.devices) >= live
 
+    def closable(self, current: OpenRound) -> bool:
+        """Whether the round may close at its deadline (with a quorum); secure aggregation
+        closes only once its sum is unmasked."""
+        return True
+
     def dropped(self, round_: int, devices: set[str]) -> None:
         """``devices``' updates were taken out of ``round_`` (revoked while it was open)."""
 
@@ -115,7 +120,8 @@ class RoundProtocol:
         return []
 
     def on_message(self, message: Message) -> bool:
-        """Take a message of one of :meth:`subscriptions`; False if it is not one."""
+        """Take a message of one of :meth:`subscriptions` (and acknowledge it once it is
+        durable); False if it is not one."""
         return False
 
 
@@ -131,8 +137,11 @@ def register_protocol(cls: type[RoundProtocol]) -> type[RoundProtocol]:
 
 
 def protocol_name(task: TaskSpec) -> str:
-    """The protocol a task runs: ``dp`` with a ``dp`` section, ``fedbuff`` with an
-    ``asynchronous`` one, else ``synchronous``."""
+    """The protocol a task runs: ``secagg`` with a ``secagg`` section (DP composed in it),
+    ``dp`` with a ``dp`` section, ``fedbuff`` with an ``asynchronous`` one, else
+    ``synchronous``."""
+    if task.secagg is not None:
+        return "secagg"
     if task.dp is not None:
         return "dp"
     return "synchronous" if task.asynchronous is None else "fedbuff"

@@ -208,7 +208,9 @@ class RoundRunner:
         current = self.current
         if current is None:
             return
-        if not self.protocol.due(current, self.fleet.live) and self._clock() < current.deadline:
+        if not self.protocol.due(current, self.fleet.live) and (
+            self._clock() < current.deadline or not self.protocol.closable(current)
+        ):
             return
         # A device revoked while the round was open must not reach the model: the
         # contract would refuse to record it, and the record would not match the model.

@@ -53,7 +53,7 @@ from ._store import UpdateStore
 from ._validate import UpdateValidator
 
 # The built-in round protocols register themselves on import.
-from . import _dp, _fedbuff, _sync  # noqa: F401  isort: skip
+from . import _dp, _fedbuff, _secagg, _sync  # noqa: F401  isort: skip
 
 log = logging.getLogger(__name__)
 
@@ -111,12 +111,22 @@ class Gateway:
             trust=trust,
             decryption_key=decryption_key,
             require_encryption=require_encryption,
+            masked=task.secagg is not None,
         )
         #: A stored (validated) update frame as ``(header, views)``.
         self.read_update = functools.partial(read_stored_update, key=decryption_key)
-        options = {}
+        options: dict[str, object] = {}
         if task.dp is not None:
             options["dp_seed"] = _checked_dp_seed(task, dp_seed)
+        if task.secagg is not None:
+            options.update(
+                transport=transport,
+                signer=signer,
+                authenticate=validator.authenticate_stage,
+                revoked=lambda: self.fleet.revoked,
+                clock=clock,
+                rejected=self.stats.rejected,
+            )
         if task.quorum is not None and task.quorum > len(registry):
             raise GatewayError(
                 f"the task's quorum {task.quorum} exceeds the {len(registry)} registered"

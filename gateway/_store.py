@@ -77,6 +77,15 @@ CREATE TABLE IF NOT EXISTS runs (
     task TEXT PRIMARY KEY,
     run  TEXT NOT NULL
 );
+CREATE TABLE IF NOT EXISTS secagg_messages (
+    task    TEXT NOT NULL,
+    round   INTEGER NOT NULL,
+    stage   TEXT NOT NULL,
+    device  TEXT NOT NULL,
+    counter INTEGER NOT NULL,
+    frame   BLOB NOT NULL,
+    PRIMARY KEY (task, round, stage, device)
+);
 CREATE TABLE IF NOT EXISTS ledger_refusals (
     task   TEXT NOT NULL,
     round  INTEGER NOT NULL,
@@ -464,6 +473,42 @@ class UpdateStore:
 
     def counters(self) -> dict[str, int]:
         return dict(self._db.execute("SELECT device, counter FROM counters").fetchall())
+
+    # secure aggregation
+    def put_secagg(
+        self, task: str, round_: int, stage: str, device: str, counter: int, frame: bytes
+    ) -> bool:
+        """Keep a secure aggregation message (a device's keys, shares or reveal; ``device``
+        ``""``: the gateway's own roster, relay or unmask decision). False: that device
+        already sent one for this stage of the round (kept as it was)."""
+        with self._lock:
+            before = self._db.total_changes
+        self._write(
+            [(
+                "INSERT OR IGNORE INTO secagg_messages VALUES (?, ?, ?, ?, ?, ?)",
+                (task, round_, stage, device, counter, frame),
+            )]
+        )  # fmt: skip
+        with self._lock:
+            return self._db.total_changes > before
+
+    def secagg_messages(self, task: str, round_: int) -> list[tuple[str, str, int, bytes]]:
+        """``(stage, device, counter, frame)`` of a round, in the order they were kept."""
+        rows = self._db.execute(
+            "SELECT stage, device, counter, frame FROM secagg_messages"
+            " WHERE task = ? AND round = ? ORDER BY rowid",
+            (task, round_),
+        ).fetchall()
+        return [(r[0], r[1], int(r[2]), bytes(r[3])) for r in rows]
+
+    def secagg_counters(self, task: str) -> dict[str, int]:
+        """Each device's last secure aggregation message counter (replay defence)."""
+        rows = self._db.execute(
+            "SELECT device, MAX(counter) FROM secagg_messages WHERE task = ? AND device != ''"
+            " GROUP BY device",
+            (task,),
+        ).fetchall()
+        return {r[0]: int(r[1]) for r in rows}
 
     # rejections
     def rejections(self, task: str, round_: int) -> list[dict[str, Any]]:

@@ -11,8 +11,10 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
 from fedcore import (
     ALG_ECDSA_P256,
+    MASKED_CODEC,
     MAX_ROUND,
     MAX_SAMPLES,
+    STAGE_CODECS,
     TYPE_UPDATE,
     CertificateError,
     CertificateTrust,
@@ -73,6 +75,7 @@ class UpdateValidator:
         trust: CertificateTrust | None = None,
         decryption_key: X25519PrivateKey | None = None,
         require_encryption: bool = False,
+        masked: bool = False,
     ):
         """``trust`` (the organisation CA and CRL) admits certificate-signed updates;
         ``decryption_key`` opens payloads sealed to this gateway, and ``require_encryption``
@@ -80,6 +83,8 @@ class UpdateValidator:
         self.trust = trust
         self.decryption_key = decryption_key
         self.require_encryption = require_encryption
+        #: A secure aggregation task: updates are masked inputs (codec ``secagg``), only.
+        self.masked = masked
         self.task = task
         self.registry = registry
         self.shapes = dict(shapes)
@@ -88,32 +93,13 @@ class UpdateValidator:
 
     def check(self, topic: str, data: bytes, ctx: RoundContext) -> AcceptedUpdate:
         """Return the accepted update or raise :class:`Rejected` with a reason code."""
-        sender = device_from_topic(topic, self.task)
-        try:
-            envelope = decode_envelope(data, max_bytes=self.max_message_bytes)
-        except WireError as exc:
-            raise Rejected(exc.reason, str(exc), device=sender) from None
-        if envelope.type != TYPE_UPDATE:
-            raise Rejected("wrong_type", "not an update message", device=sender)
-        header = envelope.header
-        assert isinstance(header, UpdateHeader)
-        if header.device != sender:
-            raise Rejected("topic_mismatch", f"header names {header.device!r}", device=sender)
-        if header.task != self.task:
-            raise Rejected("wrong_task", f"task {header.task!r}", device=sender)
-        if header.samples > MAX_SAMPLES or header.round > MAX_ROUND:
-            # The wire allows up to 2**53; the ledger does not, and would refuse the round.
-            raise Rejected(
-                "out_of_range",
-                f"samples {header.samples} or round {header.round} over the ledger's limits"
-                f" ({MAX_SAMPLES}, {MAX_ROUND})",
-                device=sender,
-            )
-        if header.device not in self.registry:
-            raise Rejected("unknown_device", "device is not registered", device=sender)
-        if header.device in ctx.revoked:
-            raise Rejected("revoked", "device is revoked on the ledger", device=sender)
-        fingerprint = self._authenticate(envelope, header, sender)
+        envelope, header, fingerprint, sender = self._authenticated(topic, data, ctx.revoked)
+        if header.codec in STAGE_CODECS:
+            raise Rejected("wrong_type", "a secure aggregation message on the update topic",
+                           device=sender)  # fmt: skip
+        if (header.codec == MASKED_CODEC) != self.masked:
+            why = "this task takes masked inputs only" if self.masked else "a masked input"
+            raise Rejected("codec_mismatch", why, device=sender)
         # Authenticated from here on: the checks below are about freshness.
         if header.round > ctx.round:
             raise Rejected("future_round", f"round {header.round} > {ctx.round}", device=sender)
@@ -149,6 +135,49 @@ class UpdateValidator:
             frame=data,
             certificate_sha256=fingerprint,
         )
+
+    def authenticate_stage(
+        self, topic: str, data: bytes, revoked: frozenset[str]
+    ) -> tuple[UpdateHeader, bytes]:
+        """A secure aggregation message (keys, shares, reveal) of a registered, unrevoked
+        device, its signature checked like an update's: ``(header, JSON payload)``. Its
+        round, stage and counter are the protocol's to check."""
+        _envelope, header, _fingerprint, sender = self._authenticated(topic, data, revoked)
+        if header.codec not in STAGE_CODECS:
+            raise Rejected("wrong_type", "not a secure aggregation message", device=sender)
+        return header, _envelope.payload
+
+    def _authenticated(
+        self, topic: str, data: bytes, revoked: frozenset[str]
+    ) -> tuple[Envelope, UpdateHeader, str | None, str | None]:
+        """Decode, check who sent it and that they may: ``(envelope, header, certificate
+        fingerprint, sender)``."""
+        sender = device_from_topic(topic, self.task)
+        try:
+            envelope = decode_envelope(data, max_bytes=self.max_message_bytes)
+        except WireError as exc:
+            raise Rejected(exc.reason, str(exc), device=sender) from None
+        if envelope.type != TYPE_UPDATE:
+            raise Rejected("wrong_type", "not an update message", device=sender)
+        header = envelope.header
+        assert isinstance(header, UpdateHeader)
+        if header.device != sender:
+            raise Rejected("topic_mismatch", f"header names {header.device!r}", device=sender)
+        if header.task != self.task:
+            raise Rejected("wrong_task", f"task {header.task!r}", device=sender)
+        if header.samples > MAX_SAMPLES or header.round > MAX_ROUND:
+            # The wire allows up to 2**53; the ledger does not, and would refuse the round.
+            raise Rejected(
+                "out_of_range",
+                f"samples {header.samples} or round {header.round} over the ledger's limits"
+                f" ({MAX_SAMPLES}, {MAX_ROUND})",
+                device=sender,
+            )
+        if header.device not in self.registry:
+            raise Rejected("unknown_device", "device is not registered", device=sender)
+        if header.device in revoked:
+            raise Rejected("revoked", "device is revoked on the ledger", device=sender)
+        return envelope, header, self._authenticate(envelope, header, sender), sender
 
     def _authenticate(
         self, envelope: Envelope, header: UpdateHeader, sender: str | None
@@ -207,6 +236,10 @@ class UpdateValidator:
         if got != self.shapes:
             raise Rejected("shape_mismatch", "tensors do not match the task's model", device=sender)
         for view in views:
+            if (view.data.dtype == np.uint32) != self.masked:
+                raise Rejected("codec_mismatch", f"tensor {view.name}: masked residues"
+                               f" {'expected' if self.masked else 'in a plain update'}",
+                               device=sender)  # fmt: skip
             if view.data.dtype == np.float32 and not np.isfinite(view.data).all():
                 raise Rejected("non_finite", f"tensor {view.name} holds NaN or Inf", device=sender)
             if view.data.dtype == np.int8 and view.data.size:

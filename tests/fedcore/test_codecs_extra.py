@@ -473,7 +473,7 @@ def test_int4_bad_scale():
 
 
 def test_unknown_dtype_is_refused():
-    payload = header() + struct.pack("<BBI", 7, 1, 1) + b"\0" * 4
+    payload = header() + struct.pack("<BBI", 8, 1, 1) + b"\0" * 4
     with pytest.raises(CodecError) as info:
         decode_tensors(payload)
     assert info.value.reason == "bad_dtype"

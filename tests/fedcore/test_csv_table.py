@@ -85,7 +85,8 @@ def test_task_columns_are_checked_and_hashed_only_when_present():
     assert plain.spec_hash() != with_columns.spec_hash()
     # A task without columns keeps the hash it had before columns existed.
     before = {k: v for k, v in plain.model_dump(mode="json").items() if k != "columns"}
-    del before["asynchronous"], before["dp"], before["quorum"], before["positive_class"]
+    del before["asynchronous"], before["dp"], before["secagg"], before["quorum"]
+    del before["positive_class"]
     assert plain.spec_hash() == sha256_hex(canonical_json(before))
     # an explicit quorum is hashed; an unset one (a majority of the fleet) is left out
     assert TaskSpec.model_validate({**base, "quorum": 1}).spec_hash() != plain.spec_hash()

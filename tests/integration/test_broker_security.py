@@ -373,24 +373,19 @@ def test_generated_acl_grants_exactly_the_wire_topics():
         else:
             assert word == "topic" and user is not None, "no anonymous or pattern grants"
             grants[user].append(rest)
-    assert grants == {
-        GATEWAY: [
-            "read fedledger/v1/t1/update/+",
-            "read fedledger/v1/t1/presence/+",
-            "write fedledger/v1/t1/model",
-            "read fedledger/v1/t2/update/+",
-            "read fedledger/v1/t2/presence/+",
-            "write fedledger/v1/t2/model",
-        ],
-        "dev-a": [
-            "write fedledger/v1/t1/update/dev-a",
-            "write fedledger/v1/t1/presence/dev-a",
-            "read fedledger/v1/t1/model",
-            "write fedledger/v1/t2/update/dev-a",
-            "write fedledger/v1/t2/presence/dev-a",
-            "read fedledger/v1/t2/model",
-        ],
-    }
+    expected: dict[str, list[str]] = {GATEWAY: [], "dev-a": []}
+    for t in ("t1", "t2"):
+        head = f"fedledger/v1/{t}"
+        expected[GATEWAY] += [
+            f"read {head}/update/+", f"read {head}/presence/+", f"read {head}/secagg/+",
+            f"write {head}/model", f"write {head}/stage", f"write {head}/inbox/+",
+        ]  # fmt: skip
+        expected["dev-a"] += [
+            f"write {head}/update/dev-a", f"write {head}/presence/dev-a",
+            f"write {head}/secagg/dev-a", f"read {head}/model", f"read {head}/stage",
+            f"read {head}/inbox/dev-a",
+        ]  # fmt: skip
+    assert grants == expected
 
 
 @pytest.mark.parametrize(
