@@ -468,6 +468,7 @@ class EdgeAgent:
             ),
             payload,
             self._signer,
+            seal_to=self._seal_to,
         )  # fmt: skip
         masked = codec == MASKED_CODEC
         if masked:

@@ -158,6 +158,7 @@ class SecAggRounds(RoundProtocol):
         transport: Transport,
         signer: Signer,
         authenticate: Callable[[str, bytes, frozenset[str]], tuple[UpdateHeader, bytes]],
+        plaintext: Callable[[bytes], bytes],
         revoked: Callable[[], frozenset[str]],
         clock: Callable[[], float],
         rejected: Counter | None = None,
@@ -171,6 +172,7 @@ class SecAggRounds(RoundProtocol):
         self.transport = transport
         self._signer = signer
         self._authenticate = authenticate
+        self._plaintext = plaintext
         self._revoked = revoked
         self._clock = clock
         #: Refused secure aggregation messages by reason (the gateway's rejection counts).
@@ -543,17 +545,8 @@ class SecAggRounds(RoundProtocol):
                  "unmask": self._publish_unmask}[stage]([], stored=frame)  # fmt: skip
                 last = (stage, frame)
                 continue
-            header, payload = _stored_frame(frame)
             take = {"keys": self._take_keys, "shares": self._take_shares,
                     "reveal": self._take_reveal}[stage]  # fmt: skip
-            take(header.device, json.loads(payload), check=False)
+            take(device, json.loads(self._plaintext(frame)), check=False)
         if last is not None:
             log.info("round %s: resumed at stage %s", self._round, self._stage)
-
-
-def _stored_frame(frame: bytes) -> tuple[UpdateHeader, bytes]:
-    from fedcore import decode_envelope
-
-    envelope = decode_envelope(frame, max_bytes=len(frame))
-    assert isinstance(envelope.header, UpdateHeader)
-    return envelope.header, envelope.payload

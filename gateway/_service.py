@@ -123,6 +123,7 @@ class Gateway:
                 transport=transport,
                 signer=signer,
                 authenticate=validator.authenticate_stage,
+                plaintext=validator.plaintext,
                 revoked=lambda: self.fleet.revoked,
                 clock=clock,
                 rejected=self.stats.rejected,

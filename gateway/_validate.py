@@ -142,10 +142,13 @@ class UpdateValidator:
         """A secure aggregation message (keys, shares, reveal) of a registered, unrevoked
         device, its signature checked like an update's: ``(header, JSON payload)``. Its
         round, stage and counter are the protocol's to check."""
-        _envelope, header, _fingerprint, sender = self._authenticated(topic, data, revoked)
+        envelope, header, _fingerprint, sender = self._authenticated(topic, data, revoked)
         if header.codec not in STAGE_CODECS:
             raise Rejected("wrong_type", "not a secure aggregation message", device=sender)
-        return header, _envelope.payload
+        try:
+            return header, open_update_payload(envelope, self.decryption_key)
+        except DecryptError as exc:
+            raise Rejected("decrypt_failed", str(exc), device=sender) from None
 
     def _authenticated(
         self, topic: str, data: bytes, revoked: frozenset[str]
