@@ -71,7 +71,7 @@ class DeviceRound:
     # ------------------------------------------------------------ the stages
     def keys_payload(self) -> bytes:
         c, s = self.keys.public()
-        return json.dumps({"c": _b64(c), "s": _b64(s)}).encode()
+        return json.dumps({"c": _b64(c), "s": _b64(s)}, separators=(",", ":")).encode()
 
     def on_roster(self, data: dict) -> bytes | None:
         """The shares payload, or None: this device is not in the roster."""
@@ -106,7 +106,7 @@ class DeviceRound:
                                   s_shares[x], b_shares[x])  # fmt: skip
             sealed[peer] = _b64(blob)
         self.stage = "shared"
-        return json.dumps({"shares": sealed}).encode()
+        return json.dumps({"shares": sealed}, separators=(",", ":")).encode()
 
     def on_relay(self, data: dict) -> bytes | None:
         """The masked update's payload (codec ``secagg``), or None: not relayed."""
@@ -165,8 +165,8 @@ class DeviceRound:
             raise SecAggAbort("the unmask request names a device both survived and dropped")
         if not (survivors | dropped) <= set(self.shared):
             raise SecAggAbort("the unmask request names devices that did not share")
-        b = {p: [x, bs.hex()] for p, (x, _s, bs) in self.held.items() if p in survivors}
-        s = {p: [x, ss.hex()] for p, (x, ss, _b) in self.held.items() if p in dropped}
+        b = {p: [x, _b64(bs)] for p, (x, _s, bs) in self.held.items() if p in survivors}
+        s = {p: [x, _b64(ss)] for p, (x, ss, _b) in self.held.items() if p in dropped}
         self.stage = "revealed"
         self.held = {}
-        return json.dumps({"b": b, "s": s}).encode()
+        return json.dumps({"b": b, "s": s}, separators=(",", ":")).encode()

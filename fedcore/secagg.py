@@ -25,16 +25,18 @@ One round, for the devices ``U1`` that advertised keys:
 uploads ``bits / 8`` bytes per parameter, under 2x int8 up to 129 devices (Flower's
 default 32-bit modulus is 4x).
 
-Shamir sharing is over the prime field GF(2**521 - 1), large enough for a 32-byte secret:
-a small implementation (``pycryptodome``'s takes 16-byte secrets only), pinned by tests.
+Shamir sharing is over the prime field GF(2**256 + 297), the smallest above every 32-byte
+secret, so a share is 33 bytes: a small implementation (``pycryptodome``'s takes 16-byte
+secrets only), pinned by tests.
 """
 
 from __future__ import annotations
 
+import base64
 import hashlib
-import json
 import math
 import secrets
+import struct
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
@@ -47,18 +49,18 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from pydantic import Field
 
-from ._canonical import canonical_json
 from ._codec import _pack_residues, _unpack_residues
 from ._config import StrictModel
 from ._errors import FedledgerError
 
-#: The prime of the Shamir field (a Mersenne prime above any 32-byte secret).
-PRIME = (1 << 521) - 1
+#: The prime of the Shamir field: the smallest prime above every 32-byte secret.
+PRIME = (1 << 256) + 297
 #: The int8 levels a quantized update takes: ``[-LEVELS, LEVELS]``.
 LEVELS = 127
 #: Bytes of a secret (an X25519 private key, a self-mask seed).
 SECRET_BYTES = 32
-_SHARE_BYTES = 66  # a field element
+#: Bytes of a share (a field element).
+SHARE_BYTES = 33
 
 
 class SecAggError(FedledgerError):
@@ -183,7 +185,7 @@ def shamir_split(secret: bytes, xs: Sequence[int], threshold: int) -> dict[int, 
         y = 0
         for c in reversed(coefficients):
             y = (y * x + c) % PRIME
-        shares[x] = y.to_bytes(_SHARE_BYTES, "big")
+        shares[x] = y.to_bytes(SHARE_BYTES, "big")
     return shares
 
 
@@ -253,6 +255,8 @@ class DeviceKeys:
         self.c = X25519PrivateKey.generate()
         self.s = X25519PrivateKey.generate()
         self.b = secrets.token_bytes(SECRET_BYTES)
+        #: AES-GCM keys agreed with neighbours, by (label, their key): see ``_share_key``.
+        self.share_keys: dict[tuple[str, bytes], AESGCM] = {}
 
     def public(self) -> tuple[bytes, bytes]:
         return _raw_public(self.c.public_key()), _raw_public(self.s.public_key())
@@ -272,11 +276,13 @@ def usable_public_key(raw: bytes) -> bool:
     return True
 
 
-def pair_seed(ctx: RoundContext, own_s: bytes, peer_s_public: bytes, a: str, b: str) -> bytes:
+def pair_seed(
+    ctx: RoundContext, own_s: bytes | X25519PrivateKey, peer_s_public: bytes, a: str, b: str
+) -> bytes:
     """The pairwise mask seed of devices ``a`` and ``b`` (either side computes it)."""
-    shared = X25519PrivateKey.from_private_bytes(own_s).exchange(
-        X25519PublicKey.from_public_bytes(peer_s_public)
-    )
+    if not isinstance(own_s, X25519PrivateKey):
+        own_s = X25519PrivateKey.from_private_bytes(own_s)
+    shared = own_s.exchange(X25519PublicKey.from_public_bytes(peer_s_public))
     low, high = sorted((a, b))
     return _kdf(shared, ctx.label("mask", low, high))
 
@@ -285,10 +291,16 @@ def self_seed(ctx: RoundContext, b: bytes, device: str) -> bytes:
     return _kdf(b, ctx.label("self", device))
 
 
-def _share_key(ctx: RoundContext, own_c: X25519PrivateKey, peer_c: bytes, a: str, b: str):
-    shared = own_c.exchange(X25519PublicKey.from_public_bytes(peer_c))
+def _share_key(ctx: RoundContext, keys: DeviceKeys, peer_c: bytes, a: str, b: str) -> AESGCM:
+    """The AES-GCM key ``a`` and ``b`` seal shares with (one key agreement per pair: the
+    device seals to a neighbour and opens what it sent with the same key)."""
     low, high = sorted((a, b))
-    return AESGCM(_kdf(shared, ctx.label("share", low, high)))
+    label = ctx.label("share", low, high)
+    cached = keys.share_keys.get((label, peer_c))
+    if cached is None:
+        shared = keys.c.exchange(X25519PublicKey.from_public_bytes(peer_c))
+        cached = keys.share_keys[(label, peer_c)] = AESGCM(_kdf(shared, label))
+    return cached
 
 
 def seal_shares(
@@ -304,8 +316,8 @@ def seal_shares(
     """Shares of ``sender``'s two secrets for ``recipient``: nonce || AES-GCM ciphertext."""
     nonce = secrets.token_bytes(12)
     aad = ctx.label("shares", sender, recipient).encode()
-    body = canonical_json({"x": x, "s": s_share.hex(), "b": b_share.hex()})
-    return nonce + _share_key(ctx, keys.c, recipient_c, sender, recipient).encrypt(nonce, body, aad)
+    body = struct.pack(">H", x) + s_share + b_share
+    return nonce + _share_key(ctx, keys, recipient_c, sender, recipient).encrypt(nonce, body, aad)
 
 
 def open_shares(
@@ -314,11 +326,11 @@ def open_shares(
     """``(x, s_share, b_share)`` that ``sender`` sealed for ``recipient`` (this device)."""
     aad = ctx.label("shares", sender, recipient).encode()
     try:
-        body = _share_key(ctx, keys.c, sender_c, sender, recipient).decrypt(
-            blob[:12], blob[12:], aad
-        )
-        data = json.loads(body)
-        return int(data["x"]), bytes.fromhex(data["s"]), bytes.fromhex(data["b"])
+        body = _share_key(ctx, keys, sender_c, sender, recipient).decrypt(blob[:12], blob[12:], aad)
+        if len(body) != 2 + 2 * SHARE_BYTES:
+            raise ValueError("a share body of the wrong size")
+        (x,) = struct.unpack(">H", body[:2])
+        return x, body[2 : 2 + SHARE_BYTES], body[2 + SHARE_BYTES :]
     except (InvalidTag, ValueError, KeyError, TypeError):
         raise SecAggError("bad_share", f"the shares from {sender} do not open") from None
 
@@ -361,7 +373,7 @@ def mask_vector(
     modulus = np.uint64(1 << bits)
     total = prg(self_seed(ctx, keys.b, device), count, bits).astype(np.uint64)
     for peer in sorted(peers_s):
-        stream = prg(pair_seed(ctx, keys.s_private, peers_s[peer], device, peer), count, bits)
+        stream = prg(pair_seed(ctx, keys.s, peers_s[peer], device, peer), count, bits)
         stream = stream.astype(np.uint64)
         total = total + stream if device < peer else total + (modulus - stream)
         total %= modulus
@@ -440,3 +452,57 @@ def unmask_sum(
                 else (total + stream) % modulus
             )
     return from_ring(total.astype(np.uint32), bits)
+
+
+def aggregate_digest(plain: np.ndarray) -> str:
+    """The SHA-256 the ledger records of an unmasked sum (int64, little-endian)."""
+    return hashlib.sha256(np.ascontiguousarray(plain, "<i8").tobytes()).hexdigest()
+
+
+def _b64decode(value: str) -> bytes:
+    return base64.b64decode(value, validate=True)
+
+
+def recompute_aggregate(
+    task: str,
+    round_: int,
+    base: str,
+    decisions: Mapping[str, Mapping],
+    masked_inputs: Sequence[np.ndarray] | None = None,
+) -> tuple[str, list[str]]:
+    """An auditor's unmasking of a round from the gateway's stored decisions (``roster``,
+    ``unmask``, ``sum``: what it published and what it was revealed) and, when they are
+    readable, the masked inputs themselves: ``(aggregate sha256, problems)``."""
+    problems: list[str] = []
+    roster, unmask, total = (decisions.get(k) for k in ("roster", "unmask", "sum"))
+    if roster is None or unmask is None or total is None:
+        missing = [k for k in ("roster", "unmask", "sum") if decisions.get(k) is None]
+        return "", [f"the store lacks the round's {', '.join(missing)} record"]
+    devices = sorted(roster["devices"])
+    bits, k, t = int(roster["bits"]), int(roster["neighbours"]), int(roster["threshold"])
+    graph = neighbour_graph(devices, k, graph_seed(task, round_, base, devices))
+    s_public = {d: _b64decode(keys[1]) for d, keys in roster["devices"].items()}
+    count = int(total["count"])
+    masked_sum = unpack_bits(_b64decode(total["masked_sum"]), bits, count)
+    if masked_inputs is not None:
+        summed = np.zeros(count, np.uint64)
+        for vector in masked_inputs:
+            summed = (summed + np.asarray(vector, np.uint64)) % np.uint64(1 << bits)
+        if not np.array_equal(summed.astype(np.uint32), masked_sum):
+            problems.append("the stored masked inputs do not sum to the recorded masked sum")
+    reveals = {
+        device: Reveal(
+            b={p: (int(x), _b64decode(v)) for p, (x, v) in item["b"].items()},
+            s={p: (int(x), _b64decode(v)) for p, (x, v) in item["s"].items()},
+        )
+        for device, item in total["reveals"].items()
+    }
+    for device, reveal in reveals.items():
+        if set(reveal.b) & set(reveal.s):
+            problems.append(f"{device} revealed both secrets of a neighbour")
+    plain = unmask_sum(
+        RoundContext(task, round_), masked_sum, survivors=unmask["survivors"],
+        dropped=unmask["dropped"], neighbours=graph, s_public=s_public, reveals=reveals,
+        threshold=t, bits=bits,
+    )  # fmt: skip
+    return aggregate_digest(plain), problems

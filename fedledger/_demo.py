@@ -237,6 +237,7 @@ def run_demo(
         "ledger_problem": verify.problem,
         "ledger_checked_models": verify.checked_models,
         "ledger_checked_updates": verify.checked_updates,
+        "ledger_checked_aggregates": verify.checked_aggregates,
         "ledger_path": str(layout.ledger),
         "gateway_public_key": layout.gateway_public_key,
         "workdir": str(root),

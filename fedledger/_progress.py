@@ -148,6 +148,12 @@ class RoundTable:
                 f" task {ended}); recompute: fedledger ledger privacy {report['task']}"
                 f" --db {report['ledger_path']}"
             )
+        if report.get("secure_aggregation"):
+            lines.append(
+                "  secure aggregation    the gateway learned each round's sum, no device's"
+                f" update ({report.get('ledger_checked_aggregates', 0)} sums unmasked again"
+                " from the store)"
+            )
         if report.get("plot_path"):
             lines.append(f"  plot                  {report['plot_path']}")
         if report["ledger_problem"]:

@@ -504,6 +504,8 @@ def ledger_verify(
         what = "signatures, hashes" + (", contract replay" if replay else "")
         if store is not None:
             what += f", {report.checked_models} models and {report.checked_updates} updates"
+            if report.checked_aggregates:
+                what += f", {report.checked_aggregates} secure sums unmasked again"
             what += " against the store, every closed round and accepted update in the store"
             what += " on the ledger"
         console.print(
@@ -572,6 +574,8 @@ def _verify_fabric(
             what += f", block signatures of {', '.join(sorted(orderer_msp))}"
         if store is not None:
             what += f", {report.checked_models} models and {report.checked_updates} updates"
+            if report.checked_aggregates:
+                what += f", {report.checked_aggregates} secure sums unmasked again"
             what += " against the store, every closed round and accepted update in the store"
             what += " on the ledger"
         console.print(
@@ -1809,13 +1813,23 @@ def bench_privacy(
     plot: Annotated[
         Path | None, typer.Option("--plot", help="Write a PNG of accuracy against epsilon.")
     ] = None,
+    secagg: Annotated[
+        bool,
+        typer.Option(
+            help="Also measure secure aggregation: upload bytes and round time against plain"
+            " int8 at 10, 50 and 100 devices, and exact sums with 0, 10 and 30% dropouts."
+        ),
+    ] = True,
     quick: QuickFlag = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON only.")] = False,
 ) -> None:
     """Accuracy against epsilon of DP-FedAvg with Poisson-sampled devices (in process, the
     gateway's own DP aggregator and accountant), beside the same sampled run without DP and
     the epsilon the same noise costs without sampling. Goal: epsilon <= 8 at delta 1e-5
-    with at most 3 pp loss. Progress goes to stderr."""
+    with at most 3 pp loss. Then secure aggregation with the real gateway and agents over
+    the in-process broker (bench/secagg.py): goals masked upload <= 2x int8 and round time
+    <= 2x plain at 100 devices, and sums exact with dropouts. Progress goes to stderr."""
+    from bench import secagg as secagg_bench
     from bench.privacy import plot as draw
     from bench.privacy import run
 
@@ -1829,10 +1843,20 @@ def bench_privacy(
         noise_multipliers=multipliers, clip=clip, repeats=repeats, seed=seed,
     )  # fmt: skip
     result["quick"] = quick
+    if secagg:
+        sizes = (10, 20) if quick else (10, 50, 100)
+        result["secagg"] = secagg_bench.run(devices=sizes, rounds=1 if quick else 2, seed=seed)
     if plot is not None:
         draw(result, plot)
         result["plot_path"] = str(plot)
     if not as_json:
+        for row in (result.get("secagg") or {}).get("cost", []):
+            console.print(
+                f"secure aggregation, {row['devices']} devices: masked input"
+                f" x{row['update_frame_ratio']} of an int8 update (x{row['upload_ratio']} with"
+                f" the protocol's messages), round time x{row['time_ratio_parallel']} of plain",
+                highlight=False,
+            )
         for s in result["settings"]:
             console.print(
                 f"z={s['noise_multiplier']}: accuracy {100 * s['accuracy']:.2f}%"

@@ -258,9 +258,10 @@ class LedgerOutbox:
             if state["status"] != "committed":
                 for batch in record["batches"][state["batches"] :]:
                     self.ledger.submit("RecordUpdates", task, round_, batch, identity=self.identity)
+                extra = [record["aggregate_sha256"]] if record.get("aggregate_sha256") else []
                 self.ledger.submit(
                     "CommitRound", task, round_, record["global_model"], record["aggregation"],
-                    record["contributors"], record["metrics"], identity=self.identity,
+                    record["contributors"], record["metrics"], *extra, identity=self.identity,
                 )  # fmt: skip
         except (LedgerError, OSError) as exc:
             self._failed(round_, exc, "anchoring")

@@ -85,6 +85,10 @@ class RoundProtocol:
         closes only once its sum is unmasked."""
         return True
 
+    def record_extra(self, current: OpenRound) -> dict[str, object]:
+        """Fields the round's ledger commit adds (secure aggregation: the sum's hash)."""
+        return {}
+
     def dropped(self, round_: int, devices: set[str]) -> None:
         """``devices``' updates were taken out of ``round_`` (revoked while it was open)."""
 

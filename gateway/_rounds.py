@@ -277,6 +277,7 @@ class RoundRunner:
             metrics=self._round_metrics(current, acc, clinical),
             batch_size=MAX_BATCH_RECORDS,
         )
+        record.update(self.protocol.record_extra(current))
         # The round, its new model and its ledger record in one transaction: the outbox.
         self.store.close_round(
             self.task.id, current.round, new_hash, model_payload(params), record,

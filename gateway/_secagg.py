@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import hashlib
 import json
 import logging
 import secrets
@@ -67,7 +66,8 @@ log = logging.getLogger(__name__)
 
 #: The device messages of each stage (their update header's codec).
 _STAGE_OF = {"secagg-keys": "keys", "secagg-shares": "shares", "secagg-reveal": "reveal"}
-#: Bytes a sealed share blob may take (12 nonce + JSON of two 66-byte shares + 16 tag).
+#: Bytes of a sealed share blob: 12 nonce, the point (2) and two shares, 16 tag.
+_BLOB = 12 + 2 + 2 * sa.SHARE_BYTES + 16
 _MAX_BLOB = 512
 
 
@@ -193,6 +193,8 @@ class SecAggRounds(RoundProtocol):
         self._keys: dict[str, tuple[bytes, bytes]] = {}
         self._shares: dict[str, dict[str, str]] = {}
         self._reveals: dict[str, sa.Reveal] = {}
+        #: Shares revealed so far of each secret: ("b", survivor) or ("s", dropped device).
+        self._revealed: Counter[tuple[str, str]] = Counter()
         self._u1: tuple[str, ...] = ()
         self._u2: tuple[str, ...] = ()
         self._u3: tuple[str, ...] = ()
@@ -202,6 +204,7 @@ class SecAggRounds(RoundProtocol):
         self._k = 0
         self._t = 1
         self._current: OpenRound | None = None
+        self._digest: str | None = None
 
     # ------------------------------------------------------------ what the loop asks
     def subscriptions(self, task_id: str) -> list[tuple[str, int]]:
@@ -368,7 +371,7 @@ class SecAggRounds(RoundProtocol):
             if not isinstance(shares, dict) or set(shares) != set(self._graph[device]):
                 raise Rejected("bad_payload", "shares must go to its neighbours", device=device)
             for blob in shares.values():
-                _unb64(blob)
+                _unb64(blob, _BLOB)
         self._shares[device] = dict(shares)
 
     def _take_reveal(self, device: str, data: dict, *, check: bool) -> None:
@@ -377,7 +380,7 @@ class SecAggRounds(RoundProtocol):
             for peer, (x, share) in data[kind].items():
                 if not isinstance(x, int) or not 0 < x < 1 << 16:
                     raise ValueError("a share point is out of range")
-                out[str(peer)] = (x, bytes.fromhex(share))
+                out[str(peer)] = (x, _unb64(share, sa.SHARE_BYTES))
             return out
 
         b, s = points("b"), points("s")
@@ -390,6 +393,7 @@ class SecAggRounds(RoundProtocol):
             if not set(b) <= mine & set(self._u3) or not set(s) <= mine & set(self._dropped):
                 raise Rejected("bad_payload", "reveals shares it was not asked for", device=device)
         self._reveals[device] = sa.Reveal(b=b, s=s)
+        self._revealed.update([("b", d) for d in b] + [("s", d) for d in s])
 
     # ------------------------------------------------------------ stages
     def _expected(self) -> set[str]:
@@ -506,13 +510,8 @@ class SecAggRounds(RoundProtocol):
 
     def _try_unmask(self) -> bool:
         """Unmask once every secret has ``t`` revealed shares; False while some lack them."""
-        need = {("b", d): 0 for d in self._u3} | {("s", d): 0 for d in self._dropped}
-        for reveal in self._reveals.values():
-            for d in reveal.b:
-                need[("b", d)] = need.get(("b", d), 0) + 1
-            for d in reveal.s:
-                need[("s", d)] = need.get(("s", d), 0) + 1
-        if any(count < self._t for count in need.values()):
+        secrets_ = [("b", d) for d in self._u3] + [("s", d) for d in self._dropped]
+        if any(self._revealed[secret] < self._t for secret in secrets_):
             return False
         aggregator = self._aggregator
         assert aggregator is not None and self._round is not None
@@ -526,12 +525,30 @@ class SecAggRounds(RoundProtocol):
         except sa.SecAggError as exc:
             log.error("round %s: unmasking failed: %s; waiting for more reveals", self._round, exc)
             return False
+        digest = sa.aggregate_digest(plain)
+        # What an auditor unmasks the sum again from (``ledger verify --store``): the masked
+        # sum and the revealed shares, nothing the gateway did not need to know.
+        self._decide("sum", {
+            "count": len(aggregator.masked_sum),
+            "masked_sum": _b64(sa.pack_bits(aggregator.masked_sum.astype(np.uint32), self._bits)),
+            "reveals": {
+                device: {
+                    "b": {p: [x, _b64(v)] for p, (x, v) in sorted(reveal.b.items())},
+                    "s": {p: [x, _b64(v)] for p, (x, v) in sorted(reveal.s.items())},
+                }
+                for device, reveal in sorted(self._reveals.items())
+            },
+            "aggregate_sha256": digest,
+        })  # fmt: skip
         aggregator.unmasked(plain)
-        digest = hashlib.sha256(np.ascontiguousarray(plain, "<i8").tobytes()).hexdigest()
+        self._digest = digest
         log.info("round %s: unmasked the sum of %d inputs (%s)", self._round, len(self._u3),
                  digest[:12])  # fmt: skip
         self._stage = "done"
         return True
+
+    def record_extra(self, current: OpenRound) -> dict[str, object]:
+        return {"aggregate_sha256": self._digest}
 
     # ------------------------------------------------------------ restart
     def _restore(self) -> None:
@@ -540,6 +557,8 @@ class SecAggRounds(RoundProtocol):
         assert self._round is not None
         last: tuple[str, bytes] | None = None
         for stage, device, _counter, frame in self.store.secagg_messages(self.task.id, self._round):
+            if device == "" and stage == "sum":
+                continue  # unmasked again from the reveals restored here
             if device == "":
                 {"roster": self._publish_roster, "relay": self._publish_relay,
                  "unmask": self._publish_unmask}[stage]([], stored=frame)  # fmt: skip

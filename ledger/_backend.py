@@ -32,6 +32,8 @@ class VerifyReport:
     replayed: bool = False
     checked_models: int = 0
     checked_updates: int = 0
+    #: Secure aggregation rounds whose sum was unmasked again from the store and matched.
+    checked_aggregates: int = 0
     #: With a gateway store: where the ledger and the store disagree (``problem`` names the
     #: first); a chain that verifies but disagrees with its store is not ``ok``.
     discrepancies: tuple[Discrepancy, ...] = ()
@@ -46,6 +48,7 @@ class VerifyReport:
             "replayed": self.replayed,
             "checked_models": self.checked_models,
             "checked_updates": self.checked_updates,
+            "checked_aggregates": self.checked_aggregates,
             "discrepancies": [d.to_dict() for d in self.discrepancies],
         }
 

@@ -394,7 +394,10 @@ def _put(ctx: TxContext, key: str, value: Mapping[str, Any]) -> None:
 def _history_entry(record: Mapping[str, Any]) -> dict[str, Any]:
     keys = ("round", "base_model", "global_model", "aggregation", "contributors", "samples")
     more = ("updates_root", "metrics", "committed_at", "committed_tx")
-    return {k: record[k] for k in keys + more}
+    entry = {k: record[k] for k in keys + more}
+    if "aggregate_sha256" in record:
+        entry["aggregate_sha256"] = record["aggregate_sha256"]
+    return entry
 
 
 # ---------------------------------------------------------------------------- contract
@@ -784,11 +787,15 @@ class FedLedgerContract:
         aggregation: str,
         contributors: Sequence[str],
         metrics: dict[str, float],
+        aggregate_sha256: str | None = None,
     ) -> dict[str, Any]:
         """Close the open round with its new global model.
 
         The round's ``updates_root`` is the Merkle root over the contributors' update digests
-        sorted by device id, the same root the gateway's round record carries.
+        sorted by device id, the same root the gateway's round record carries. A task with
+        secure aggregation (``privacy.secure_aggregation``) must give ``aggregate_sha256``,
+        the SHA-256 of the unmasked sum of the masked inputs those digests name (int64
+        little-endian), which ``ledger verify --store`` recomputes; other tasks may not.
         """
         who = _caller(ctx)
         _identifier(task_id, "task_id")
@@ -802,10 +809,19 @@ class FedLedgerContract:
         if len(set(devices)) != len(devices):
             raise _invalid("contributors", "lists a device more than once")
         metrics = _metrics(metrics)
+        if aggregate_sha256 is not None:
+            _hex64(aggregate_sha256, "aggregate_sha256")
         now = _tx_time(ctx)
         tkey = task_key(task_id)
         task = _load(ctx, tkey, f"task {task_id}")
         _require_gateway(who, task, "CommitRound")
+        secure = bool((task.get("privacy") or {}).get("secure_aggregation"))
+        if secure and devices and aggregate_sha256 is None:
+            raise _invalid(
+                "aggregate_sha256", f"task {task_id} aggregates securely: the sum's hash is due"
+            )
+        if not secure and aggregate_sha256 is not None:
+            raise _invalid("aggregate_sha256", f"task {task_id} does not aggregate securely")
         rkey = round_key(task_id, round_)
         rnd = _load(ctx, rkey, f"round {round_} of task {task_id} (it was never opened)")
         if rnd["status"] != "open":
@@ -846,6 +862,8 @@ class FedLedgerContract:
             committed_at=now,
             committed_tx=ctx.tx_id,
         )
+        if aggregate_sha256 is not None:
+            rnd["aggregate_sha256"] = aggregate_sha256
         task.update(next_round=round_ + 1, open_round=None, model=global_model_hash)
         _put(ctx, rkey, rnd)
         _put(ctx, tkey, task)

@@ -448,5 +448,7 @@ def _record_writes(height: int, record: dict[str, Any]) -> list[tuple[str, str]]
         raise ChainError(height, "transaction record is malformed: writes") from None
 
 
-def _counts(check: StoreCheck | None) -> tuple[int, int]:
-    return (0, 0) if check is None else (check.checked_models, check.checked_updates)
+def _counts(check: StoreCheck | None) -> tuple[int, int, int]:
+    if check is None:
+        return (0, 0, 0)
+    return (check.checked_models, check.checked_updates, check.checked_aggregates)

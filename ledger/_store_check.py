@@ -11,7 +11,10 @@ batch of update decisions), so one check serves the embedded ledger and Fabric:
   with the digest the ledger records; an open round must be in the store;
 - store -> ledger: each closed round must be committed on the ledger, each update the store
   accepted for it must be an accepted update of that round on the ledger (or recorded there
-  as rejected with its digest: a device revoked while its round was open is dropped so).
+  as rejected with its digest: a device revoked while its round was open is dropped so);
+- secure aggregation: a round's recorded aggregate hash must be what unmasking the stored
+  masked sum with the stored revealed shares gives (and, where the masked inputs are not
+  sealed to the gateway, the stored inputs must sum to that masked sum).
 
 Reads are per round: a round's batches are held from its opening to its commit, then
 compared with that round's rows in the store and dropped; the store's closed rounds are
@@ -26,6 +29,8 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+import numpy as np
+
 from fedcore import sha256_hex
 
 #: The kinds of :class:`Discrepancy`, in the order the CLI's help lists them.
@@ -37,6 +42,7 @@ DISCREPANCY_KINDS = (
     "update_missing_in_ledger",
     "update_missing_in_store",
     "update_differs",
+    "aggregate_differs",
 )
 
 
@@ -130,6 +136,7 @@ class StoreCheck:
         self.found: list[Discrepancy] = []
         self.checked_models = 0
         self.checked_updates = 0
+        self.checked_aggregates = 0
 
     @property
     def discrepancies(self) -> list[Discrepancy]:
@@ -231,6 +238,10 @@ class StoreCheck:
                 )  # fmt: skip
             else:
                 self.checked_updates += 1
+        aggregate = record.get("aggregate_sha256")
+        if aggregate is not None:
+            updates = [u for u in self.store.updates(task, round_) if u.device in ledger.accepted]
+            self._aggregate(height, task, round_, stored.base_hash, aggregate, updates, ledger)
         for device, update in sorted(by_device.items()):
             digest = hashlib.sha256(update.frame).hexdigest()
             if (device, digest) in ledger.rejected:
@@ -240,6 +251,40 @@ class StoreCheck:
                 "accepted in the store but not in the round's record on the ledger",
                 device=device, counter=update.counter, height=height,
             )  # fmt: skip
+
+    def _aggregate(
+        self, height: int, task: str, round_: int, base: str, recorded: str, updates: list,
+        ledger: _LedgerRound,
+    ) -> None:  # fmt: skip
+        """Unmask a secure aggregation round again from the store and compare."""
+        from fedcore import decode_envelope, iter_tensors
+        from fedcore.secagg import SecAggError, recompute_aggregate
+
+        messages = getattr(self.store, "secagg_messages", None)
+        rows = [] if messages is None else messages(task, round_)
+        decisions = {stage: json.loads(frame) for stage, device, _c, frame in rows if not device}
+        masked: list | None = []
+        for update in updates:
+            envelope = decode_envelope(update.frame, max_bytes=len(update.frame))
+            if getattr(envelope.header, "enc", ""):
+                masked = None  # sealed to the gateway: the masked sum is taken as stored
+                break
+            views = iter_tensors(envelope.payload, max_elements=1 << 26)
+            assert masked is not None
+            masked.append(np.concatenate([v.data for v in views]))
+        try:
+            digest, problems = recompute_aggregate(task, round_, base, decisions, masked)
+        except (SecAggError, ValueError, KeyError, TypeError) as exc:
+            digest, problems = "", [f"cannot unmask the stored round: {exc}"]
+        survivors = set((decisions.get("unmask") or {}).get("survivors", ()))
+        if decisions.get("unmask") is not None and survivors != set(ledger.accepted):
+            problems.append("the unmasked survivors are not the round's accepted devices")
+        if digest and digest != recorded:
+            problems.append(f"unmasking gives {digest[:16]}, the ledger records {recorded[:16]}")
+        for problem in problems:
+            self._add("aggregate_differs", task, round_, problem, height=height)
+        if not problems:
+            self.checked_aggregates += 1
 
     # ------------------------------------------------------------------ store side
     def finish(self) -> list[Discrepancy]:

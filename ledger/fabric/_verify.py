@@ -659,6 +659,7 @@ def verify_blocks(
             replayed=replay,
             checked_models=0 if check is None else check.checked_models,
             checked_updates=0 if check is None else check.checked_updates,
+            checked_aggregates=0 if check is None else check.checked_aggregates,
             discrepancies=tuple(found),
             transactions=checker.transactions,
             invalid=checker.invalid,

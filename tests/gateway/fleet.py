@@ -22,6 +22,13 @@ class Clock:
         return self.now
 
 
+def gateway_chain(path, gateway_key):
+    """An embedded ledger at ``path`` that signs as the gateway."""
+    return EmbeddedLedger(
+        path, signer=signer_from_key(gateway_key), public_key=public_key_b64(gateway_key)
+    )
+
+
 def make_gateway(
     tmp_path,
     task,
@@ -37,11 +44,7 @@ def make_gateway(
 ):
     """``options`` go to :class:`Gateway` (``protocol``, ``ledger_worker``...); the held-out
     ``evaluation`` data is the data set's test split unless given."""
-    ledger = EmbeddedLedger(
-        tmp_path / "ledger.sqlite",
-        signer=signer_from_key(gateway_key),
-        public_key=public_key_b64(gateway_key),
-    )
+    ledger = gateway_chain(tmp_path / "ledger.sqlite", gateway_key)
     return Gateway(
         task=task,
         transport=broker.transport(),

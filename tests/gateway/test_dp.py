@@ -26,7 +26,7 @@ from gateway import DeviceRegistry, GatewayError
 from gateway._dp import DPAggregator
 from ledger import ContractError, Identity, privacy_report
 
-from .fleet import Clock, make_agents, make_gateway, pump
+from .fleet import Clock, gateway_chain, make_agents, make_gateway, pump
 
 AUDITOR = Identity("org1", "auditor", "auditor")
 SEED = bytes(range(32))
@@ -218,13 +218,8 @@ def test_the_contract_takes_only_the_committed_seed_and_no_round_after_the_end(f
 
 
 def test_end_task_refuses_a_seed_that_does_not_match(tmp_path, gateway_key):
-    from fedcore import signer_from_key
-    from ledger import EmbeddedLedger
 
-    chain = EmbeddedLedger(
-        tmp_path / "l.sqlite", signer=signer_from_key(gateway_key),
-        public_key=public_key_b64(gateway_key),
-    )  # fmt: skip
+    chain = gateway_chain(tmp_path / "l.sqlite", gateway_key)
     admin, me = Identity("org1", "admin", "admin"), Identity("org1", "gateway", "gateway")
     terms = {"dp": {"seed_sha256": seed_digest(SEED)}, "secure_aggregation": False}
     chain.submit("CreateTask", "t", "org1", "gateway", "a" * 64, "fedavg", terms, "b" * 64,

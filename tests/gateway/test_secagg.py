@@ -4,6 +4,8 @@ mid-stage, refuses bad stage messages, and never holds a device's plaintext upda
 
 from __future__ import annotations
 
+import base64
+import json
 import logging
 
 import numpy as np
@@ -15,6 +17,7 @@ from fedcore import (
     InMemoryBroker,
     TaskSpec,
     UpdateHeader,
+    canonical_json,
     encode_update,
     generate_key,
     public_key_b64,
@@ -27,7 +30,7 @@ from gateway import DeviceRegistry
 from gateway import _secagg as gateway_secagg
 from ledger import Identity, privacy_report
 
-from .fleet import Clock, make_agents, make_gateway, pump
+from .fleet import Clock, gateway_chain, make_agents, make_gateway, pump
 
 AUDITOR = Identity("org1", "auditor", "auditor")
 SEED = bytes(range(32))
@@ -110,9 +113,70 @@ def test_the_gateway_unmasks_exactly_the_sum_of_the_quantized_updates(
         task_record = gateway.ledger.evaluate("GetTask", spec.id, identity=AUDITOR)
         assert task_record["privacy"]["secure_aggregation"] is True
         assert task_record["privacy"]["secagg"]["threshold"] == 0.5
-        assert gateway.ledger.verify(replay=True, store=gateway.store).ok
+        report = gateway.ledger.verify(replay=True, store=gateway.store)
+        assert report.ok and report.checked_aggregates == spec.rounds
+        record = gateway.ledger.evaluate("GetRound", spec.id, 1, identity=AUDITOR)
+        assert record["aggregate_sha256"] == sa.aggregate_digest(seen.unmasked[1])
     finally:
         gateway.close()
+
+
+def test_verify_unmasks_the_stored_sum_again_and_catches_a_changed_one(
+    tmp_path, task, gateway_key, dataset
+):
+    spec = secagg_task(task)
+    gateway, agents, *_ = make_fleet(tmp_path, spec, gateway_key, dataset, 4)
+    try:
+        gateway.start()
+        run_to_end(gateway, agents)
+        assert gateway.ledger.verify(store=gateway.store).checked_aggregates == spec.rounds
+        # the gateway's record of round 1's sum, its masked sum changed by one
+        rows = gateway.store.secagg_messages(spec.id, 1)
+        frame = next(f for stage, device, _c, f in rows if stage == "sum" and not device)
+        data = json.loads(frame)
+        bits = json.loads(next(f for st, d, _c, f in rows if st == "roster" and not d))["bits"]
+        masked = sa.unpack_bits(base64.b64decode(data["masked_sum"]), bits, data["count"])
+        masked[0] = (int(masked[0]) + 1) % (1 << bits)
+        data["masked_sum"] = base64.b64encode(sa.pack_bits(masked, bits)).decode()
+        with gateway.store._db:
+            gateway.store._db.execute(
+                "UPDATE secagg_messages SET frame = ? WHERE task = ? AND round = 1 AND stage ="
+                " 'sum'", (canonical_json(data), spec.id),
+            )  # fmt: skip
+        report = gateway.ledger.verify(store=gateway.store)
+        assert not report.ok
+        kinds = {(d.kind, d.round) for d in report.discrepancies}
+        assert ("aggregate_differs", 1) in kinds
+        details = " ".join(d.detail for d in report.discrepancies)
+        assert "do not sum to the recorded masked sum" in details
+        assert "the ledger records" in details
+    finally:
+        gateway.close()
+
+
+def test_the_contract_wants_the_sum_hash_of_a_secure_task_only(tmp_path, gateway_key):
+    from ledger import ContractError
+
+    chain = gateway_chain(tmp_path / "l.sqlite", gateway_key)
+    admin, me = Identity("org1", "admin", "admin"), Identity("org1", "gateway", "gateway")
+    for task_id, secure in (("secure", True), ("plain", False)):
+        chain.submit("CreateTask", task_id, "org1", "gateway", "a" * 64, "fedavg",
+                     {"secure_aggregation": secure}, "b" * 64, identity=admin)  # fmt: skip
+        chain.submit("OpenRound", task_id, 0, "b" * 64, 0.0, identity=me)
+    chain.submit("RegisterDevice", "dev-1", "org1", "default", "f" * 64, identity=admin)
+    for task_id in ("secure", "plain"):
+        chain.submit("RecordUpdates", task_id, 0, [{"device": "dev-1", "digest": "c" * 64,
+                     "samples": 3, "codec": "int8", "accepted": True, "reason": None}],
+                     identity=me)  # fmt: skip
+    with pytest.raises(ContractError, match="the sum's hash is due"):
+        chain.submit("CommitRound", "secure", 0, "d" * 64, "fedavg", ["dev-1"], {}, identity=me)
+    with pytest.raises(ContractError, match="does not aggregate securely"):
+        chain.submit("CommitRound", "plain", 0, "d" * 64, "fedavg", ["dev-1"], {}, "e" * 64,
+                     identity=me)  # fmt: skip
+    chain.submit("CommitRound", "secure", 0, "d" * 64, "fedavg", ["dev-1"], {}, "e" * 64,
+                 identity=me)  # fmt: skip
+    assert chain.evaluate("GetRound", "secure", 0, identity=me)["aggregate_sha256"] == "e" * 64
+    assert chain.verify(replay=True).ok
 
 
 def test_two_devices_dropping_after_sharing_leave_the_survivors_sum(

@@ -72,8 +72,17 @@ def test_secagg_with_dp_survives_two_agents_killed_mid_round(tmp_path, dataset):
             while not query(layout.store, "SELECT 1 FROM rounds WHERE round = 1"):
                 assert time.monotonic() < end, "round 1 never opened"
                 time.sleep(0.05)
+            # the moment is a random count of round 1's stage messages stored (each device
+            # sends about four), so the kill lands in round 1 however fast rounds run here
             chance = random.Random()
-            time.sleep(chance.uniform(0.0, 2.0))
+            target = chance.randrange(4 * DEVICES)
+            while (
+                query(layout.store, "SELECT COUNT(*) FROM secagg_messages WHERE round = 1")[0][0]
+                < target
+                and not query(layout.store, "SELECT 1 FROM rounds WHERE round = 2")
+                and time.monotonic() < end
+            ):
+                time.sleep(0.002)
             stage = query(layout.store, "SELECT stage FROM secagg_messages ORDER BY rowid DESC")
             at = query(layout.store, "SELECT MAX(round) FROM rounds")[0][0]
             vanished = chance.sample(sorted(agents), 2)
@@ -101,6 +110,7 @@ def test_secagg_with_dp_survives_two_agents_killed_mid_round(tmp_path, dataset):
         capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert verify.returncode == 0, verify.stdout + verify.stderr
+    assert json.loads(verify.stdout)["checked_aggregates"] == ROUNDS
     privacy = subprocess.run(
         [sys.executable, "-m", "fedledger", "ledger", "privacy", task.id, "--db",
          str(layout.ledger), "--json"],
