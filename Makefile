@@ -9,11 +9,13 @@ STAMP := $(VENV)/.fedledger-installed
 DEMO_ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: demo test test-crash test-provision provision-tools setup broker prometheus lint bench dashboards reference clean help
+.PHONY: demo test test-slow test-arm64 arm64-tools test-crash test-provision provision-tools setup broker prometheus lint bench dashboards reference clean help
 
 help:
 	@echo "make demo    set everything up and run a federated training on this machine"
-	@echo "make test    set everything up and run the whole test suite"
+	@echo "make test    set everything up and run the test suite (the longer suites follow)"
+	@echo "make test-slow   whole federations with privacy on, the fuzz and soak runs (a few minutes)"
+	@echo "make test-arm64  the edge agent in an emulated arm64 Debian userland (root; slow)"
 	@echo "make test-crash  kill gateways, agents and a broker at random moments over whole tasks"
 	@echo "make test-provision  boot Debian test hosts and run the Ansible playbooks against them (root)"
 	@echo "make bench   print the benchmark figures as JSON"
@@ -25,7 +27,24 @@ demo: setup broker
 	$(BIN)/fedledger demo $(DEMO_ARGS)
 
 test: setup broker prometheus
-	$(BIN)/python -m pytest -m "not provision and not crash" $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -m "not provision and not crash and not slow and not arm64" $(PYTEST_ARGS)
+
+# The long ones: DP and SecAgg federations with agents killed mid-round, the 100k-payload fuzz,
+# the soak and privacy benchmarks, the remaining gateway-kill moments.
+test-slow: setup broker prometheus
+	$(BIN)/python -m pytest -m "slow and not provision and not crash and not arm64" $(PYTEST_ARGS)
+
+# The edge agent installed from an aarch64 wheelhouse into a Debian bookworm arm64 userland
+# (debootstrap + qemu-user binfmt + systemd-nspawn, so it needs root) and run against a gateway
+# on this machine. The first rootfs build under emulation takes ~10 minutes; it is cached.
+test-arm64: setup broker arm64-tools
+	$(BIN)/python -m pytest -m arm64 tests/arm64 $(PYTEST_ARGS)
+
+arm64-tools:
+	@if command -v debootstrap >/dev/null 2>&1 && command -v systemd-nspawn >/dev/null 2>&1 \
+	  && [ -x /usr/bin/qemu-aarch64-static ] && [ -e /usr/sbin/update-binfmts ]; then exit 0; fi; \
+	$(MAKE) --no-print-directory _apt PKGS="debootstrap systemd-container qemu-user-static binfmt-support" \
+	  WHAT="the tools that run an emulated arm64 userland"
 
 # Random SIGKILLs of the gateway (and a broker, and an agent) over whole tasks with real
 # agents: a few minutes. FEDLEDGER_CRASH_SEED=<seed> replays a run's kill moments.

@@ -55,10 +55,18 @@ def _bin_dirs() -> list[str]:
     return [str(d) for d in dirs if d.is_dir()]
 
 
+# Whole federations with privacy on: run by `make test-slow`.
+SLOW_DOCUMENTS = {"privacy.md"}
+
+
 @pytest.mark.mqtt
 @pytest.mark.parametrize(
     "doc",
-    [d for d in documents() if runnable_blocks(d.read_text())],
+    [
+        pytest.param(d, marks=pytest.mark.slow) if d.name in SLOW_DOCUMENTS else d
+        for d in documents()
+        if runnable_blocks(d.read_text())
+    ],
     ids=lambda d: d.name,
 )
 def test_runnable_blocks_run(doc, tmp_path):

@@ -21,11 +21,26 @@ def test_every_fedledger_command_in_the_readme_exists():
         if match:
             commands.add(tuple(w for w in match.group(1).split() if w))
     assert {("demo",), ("ledger", "verify"), ("gateway", "run"), ("agent", "run")} <= commands
-    for words in commands:
-        done = subprocess.run(
-            [sys.executable, "-m", "fedledger", *words, "--help"], capture_output=True, text=True
-        )
-        assert done.returncode == 0, (words, done.stderr)
+    # One interpreter for all of them: the help of every command, through the real entry point.
+    script = (
+        "import sys, typer.testing\n"
+        "from fedledger.cli import app\n"
+        "runner = typer.testing.CliRunner()\n"
+        "for line in sys.stdin.read().splitlines():\n"
+        "    done = runner.invoke(app, [*line.split(), '--help'])\n"
+        "    print(done.exit_code, line, flush=True)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script],
+        input="\n".join(" ".join(words) for words in sorted(commands)),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    codes = dict(line.split(" ", 1)[::-1] for line in done.stdout.splitlines())
+    assert set(codes) == {" ".join(words) for words in commands}
+    assert {c: code for c, code in codes.items() if code != "0"} == {}
 
 
 def test_makefile_targets_named_in_readme_exist():

@@ -7,7 +7,10 @@ import json
 import subprocess
 import sys
 
+import pytest
 
+
+@pytest.mark.slow
 def test_bench_privacy_measures_the_trade_off(tmp_path):
     done = subprocess.run(
         [sys.executable, "-m", "fedledger", "bench", "privacy", "--devices", "120",

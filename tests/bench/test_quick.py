@@ -10,7 +10,9 @@ import sys
 import pytest
 
 
-@pytest.mark.parametrize("bench", ["robustness", "privacy", "accuracy"])
+@pytest.mark.parametrize(
+    "bench", [pytest.param("robustness", marks=pytest.mark.slow), "privacy", "accuracy"]
+)
 def test_quick_mode_reports_progress_and_marked_json(bench):
     done = subprocess.run(
         [sys.executable, "-m", "fedledger", "bench", bench, "--quick", "--json"],

@@ -27,6 +27,7 @@ import tracemalloc
 from collections import Counter
 
 import numpy as np
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -483,6 +484,7 @@ def fuzz(n: int, seed: int) -> tuple[Counter, Counter, Counter]:
     return tally, per_op, codec
 
 
+@pytest.mark.slow
 def test_fuzz_100k_payloads(record_property):
     fuzz(2000, seed=1)  # warm caches and allocator pools before measuring RSS
     rss_before = rss_bytes()

@@ -133,7 +133,10 @@ class Devices:
             self.client.publish_confirmed(update_topic(self.task.id, device), self.frames[device])
 
 
-@pytest.mark.parametrize("kill_after", [0, 1, 3, 4])
+@pytest.mark.parametrize(
+    "kill_after",
+    [0, pytest.param(1, marks=pytest.mark.slow), 3, pytest.param(4, marks=pytest.mark.slow)],
+)
 def test_sigkill_then_restart_keeps_every_update_once(site, mosquitto, kill_after):
     devices = Devices(site, mosquitto.port)
     names = sorted(site.agent_configs)

@@ -24,7 +24,7 @@ from ledger import EmbeddedLedger, Identity
 
 from .test_gateway_kill import query
 
-pytestmark = [pytest.mark.mqtt, pytest.mark.timeout(300)]
+pytestmark = [pytest.mark.mqtt, pytest.mark.slow, pytest.mark.timeout(300)]
 
 AUDITOR = Identity(msp_id="org1", subject="auditor", role="auditor")
 DEVICES = 10
