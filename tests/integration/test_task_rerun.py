@@ -18,7 +18,7 @@ from fedledger._provision import TaskOptions, provision
 
 from .test_gateway_kill import query
 
-pytestmark = pytest.mark.mqtt
+pytestmark = [pytest.mark.mqtt, pytest.mark.slow]
 
 ROUNDS = 2
 DEVICES = 3

@@ -5,6 +5,8 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from ledger.fabric import FabricLedger
 
 from .test_profile import files, write_profile  # noqa: F401 (fixture)
@@ -16,6 +18,7 @@ def run(*args):
     return subprocess.run([*FEDLEDGER, *args], capture_output=True, text=True, timeout=120)
 
 
+@pytest.mark.slow
 def test_fleet_and_task_on_fabric_twice(tmp_path, files, peer_server, make_client):  # noqa: F811
     data = tmp_path / "data"
     assert run("data", "sample-csv", "--out", str(data), "--devices", "1").returncode == 0
