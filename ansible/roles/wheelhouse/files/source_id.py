@@ -1,11 +1,13 @@
 """Print what a wheel set is named after: the fedledger version and, for a source tree, a
-digest of its contents, so that a changed tree never reuses wheels built from an older one.
+digest of its contents, so that a changed tree never reuses wheels built from an older one;
+and the control node's Python version and machine (what it builds for by default).
 
 Usage: python source_id.py SOURCE  (a source folder, or a pip requirement)
 """
 
 import hashlib
 import json
+import platform
 import sys
 from importlib.metadata import version
 from pathlib import Path
@@ -40,4 +42,6 @@ source = Path(sys.argv[1])
 ident = version("fedledger")
 if source.is_dir():
     ident += "-" + tree_digest(source)
-print(json.dumps({"version": version("fedledger"), "id": ident}))
+python = f"{sys.version_info.major}.{sys.version_info.minor}"
+print(json.dumps({"version": version("fedledger"), "id": ident, "python": python,
+                  "machine": platform.machine()}))  # fmt: skip
