@@ -13,11 +13,24 @@ process, sampled from ``/proc`` every few milliseconds:
 
 Limits: 100 MB peak and 60 MB idle (a Raspberry Pi Zero 2 W has 512 MB for everything);
 ``python_floor_mb`` is a bare ``python -c pass`` measured in the same run, for reference.
+``device_classes`` gives each board class of ``firmware_configs/`` its memory budget and the
+margin the peak leaves in it.
+
+``launcher`` runs the agent (and the floor's bare interpreter) elsewhere: a command prefix
+such as a ``systemd-nspawn`` into an arm64 userland whose programs run under qemu-user;
+``{dir}`` in it becomes the benchmark's working folder, which the launcher must show at the
+same path, and ``python`` is the interpreter there. The process sampled is then the launched
+interpreter (under qemu-user, the emulator running it, so its RSS includes the emulator's
+own and its translated code); its CPU time is the emulator's, reported as
+``emulated_cpu_s_per_round``, not a device figure.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
+import shlex
+import signal
 import subprocess
 import sys
 import tempfile
@@ -26,12 +39,14 @@ import time
 from pathlib import Path
 from typing import Any
 
+from fedcore import load_device_class
 from fedcore.mosquitto import MosquittoBroker
 from fedledger import TaskOptions, load_dataset, provision
 from gateway import load_gateway_config, open_gateway
 
 from ._timing import sig
 
+FIRMWARE_CONFIGS = Path(__file__).resolve().parents[1] / "firmware_configs"
 PEAK_LIMIT_MB = 100.0
 IDLE_LIMIT_MB = 60.0
 _PAGE = os.sysconf("SC_PAGE_SIZE")
@@ -68,22 +83,93 @@ class _Sampler(threading.Thread):
             time.sleep(self.period)
 
 
-def _python_floor_mb() -> float:
-    """A bare interpreter's resident memory, for reference."""
-    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(1)"])
+def _signal(pid: int, sig_: int) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, sig_)
+
+
+def _descendants(pid: int) -> list[int]:
+    """Every process below ``pid``, children first."""
+    found: list[int] = []
+    todo = [pid]
+    while todo:
+        current = todo.pop(0)
+        try:
+            tasks = os.listdir(f"/proc/{current}/task")
+        except OSError:
+            continue
+        for task in tasks:
+            try:
+                with open(f"/proc/{current}/task/{task}/children") as handle:
+                    children = [int(c) for c in handle.read().split()]
+            except OSError:
+                continue
+            found += children
+            todo += children
+    return found
+
+
+def _cmdline(pid: int) -> list[str]:
     try:
-        time.sleep(0.5)
-        return _rss_mb(proc.pid)
+        with open(f"/proc/{pid}/cmdline", "rb") as handle:
+            return [a.decode(errors="replace") for a in handle.read().split(b"\0") if a]
+    except OSError:
+        return []
+
+
+def _find(proc: subprocess.Popen, marker: str, timeout: float = 120.0) -> int:
+    """The launched interpreter: ``proc`` itself, or its deepest descendant that runs
+    ``marker`` (a launcher such as systemd-nspawn forks it)."""
+    end = time.monotonic() + timeout
+    while True:
+        candidates = [p for p in [proc.pid, *_descendants(proc.pid)] if marker in _cmdline(p)]
+        if candidates:
+            return candidates[-1]
+        if proc.poll() is not None or time.monotonic() > end:
+            raise RuntimeError(f"the launched process running {marker!r} was not found")
+        time.sleep(0.05)
+
+
+def _python_floor_mb(prefix: list[str], python: str) -> float:
+    """A bare interpreter's resident memory (launched the same way), for reference."""
+    marker = "import time; time.sleep(4)"
+    proc = subprocess.Popen([*prefix, python, "-c", marker])
+    try:
+        pid = _find(proc, marker)
+        time.sleep(2.0 if prefix else 0.5)
+        return _rss_mb(pid)
     finally:
         proc.wait()
 
 
-def run(*, rounds: int = 5, hidden: int = 3300, epochs: int = 2) -> dict[str, Any]:
+def _device_classes(peak: float) -> dict[str, dict[str, float]]:
+    classes = {}
+    for path in sorted(FIRMWARE_CONFIGS.glob("*.toml")):
+        device = load_device_class(path)
+        classes[device.name] = {
+            "memory_budget_mb": device.memory_budget_mb,
+            "peak_margin_mb": sig(device.memory_budget_mb - peak),
+            "fits": peak <= device.memory_budget_mb,
+        }
+    return classes
+
+
+def run(
+    *,
+    rounds: int = 5,
+    model: str = "mlp",
+    hidden: int = 3300,
+    epochs: int = 2,
+    launcher: str | None = None,
+    python: str | None = None,
+) -> dict[str, Any]:
     dataset = load_dataset(seed=0)
+    python = python or sys.executable
     with (
         tempfile.TemporaryDirectory(prefix="fedledger-bench-agent-") as tmp,
         MosquittoBroker() as broker,
     ):
+        prefix = shlex.split(launcher.replace("{dir}", tmp)) if launcher else []
         layout = provision(
             Path(tmp) / "site",
             dataset,
@@ -93,7 +179,7 @@ def run(*, rounds: int = 5, hidden: int = 3300, epochs: int = 2) -> dict[str, An
             options=TaskOptions(
                 task_id="bench-agent",
                 rounds=rounds,
-                model="mlp",
+                model=model,
                 hidden=hidden,
                 epochs=epochs,
                 round_timeout=300.0,
@@ -107,45 +193,67 @@ def run(*, rounds: int = 5, hidden: int = 3300, epochs: int = 2) -> dict[str, An
             config.read_text().replace("exit_on_final = true", "exit_on_final = false")
         )
         gateway = open_gateway(load_gateway_config(layout.gateway_config))
+        pid = -1
         with (Path(tmp) / "agent.log").open("wb") as log:
             agent = subprocess.Popen(
-                [sys.executable, "-m", "fedledger", "agent", "run", "--config", str(config)],
+                [*prefix, python, "-m", "fedledger", "agent", "run", "--config", str(config)],
                 stdout=log,
                 stderr=subprocess.STDOUT,
             )
         try:
             gateway.connect()
-            if gateway.wait_for_devices(60.0) != 1:
-                raise RuntimeError("the agent did not come online")
-            time.sleep(1.0)  # connected and waiting for a model
-            idle = _rss_mb(agent.pid)
-            cpu_idle = _cpu_s(agent.pid)
-            sampler = _Sampler(agent.pid)
+            if gateway.wait_for_devices(600.0 if prefix else 60.0) != 1:
+                raise RuntimeError(
+                    "the agent did not come online: "
+                    + (Path(tmp) / "agent.log").read_text(errors="replace")[-2000:]
+                )
+            pid = _find(agent, str(config)) if prefix else agent.pid
+            time.sleep(3.0 if prefix else 1.0)  # connected and waiting for a model
+            idle = _rss_mb(pid)
+            cpu_idle = _cpu_s(pid)
+            sampler = _Sampler(pid)
             sampler.start()
             started = time.perf_counter()
             gateway.start()
             gateway.run()
             wall = time.perf_counter() - started
             time.sleep(0.5)  # the agent reads the final model
-            cpu_rounds = _cpu_s(agent.pid) - cpu_idle
+            cpu_rounds = _cpu_s(pid) - cpu_idle
             sampler.done.set()
             sampler.join()
             peak = sampler.peak
         finally:
+            # The launched interpreter first: a launcher may not pass the signal on.
+            if pid > 0 and pid != agent.pid:
+                _signal(pid, signal.SIGTERM)
             agent.terminate()
-            agent.wait(10)
+            agent.wait(30)
             gateway.close()
         n_params = gateway.spec.n_params()
+        floor = _python_floor_mb(prefix, python)
+        machine = subprocess.run(
+            [*prefix, python, "-c", "import platform; print(platform.machine())"],
+            capture_output=True,
+            text=True,
+            timeout=300,
+        ).stdout.strip()
+    cpu = "emulated_cpu_s_per_round" if prefix else "cpu_s_per_round"
+    wall_key = "emulated_wall_s_per_round" if prefix else "wall_s_per_round"
     return {
         "bench": "agent",
+        "machine": machine,
+        "launcher": launcher,
+        "model": model,
         "model_params": n_params,
         "rounds": rounds,
         "local_epochs": epochs,
         "idle_rss_mb": sig(idle),
         "peak_rss_mb": sig(peak),
-        "cpu_s_per_round": sig(cpu_rounds / rounds),
-        "wall_s_per_round": sig(wall / rounds),
-        "python_floor_mb": sig(_python_floor_mb()),
+        cpu: sig(cpu_rounds / rounds),
+        wall_key: sig(wall / rounds),
+        "python_floor_mb": sig(floor),
+        "peak_above_floor_mb": sig(peak - floor),
+        "device_classes": _device_classes(peak),
         "peak_limit_mb": PEAK_LIMIT_MB,
         "idle_limit_mb": IDLE_LIMIT_MB,
         "ratio_peak_to_limit": sig(peak / PEAK_LIMIT_MB),

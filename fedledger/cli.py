@@ -1755,17 +1755,53 @@ def bench_async(
 @bench_app.command("agent")
 def bench_agent(
     rounds: Annotated[int, typer.Option(min=1, help="Local rounds the agent trains.")] = 5,
+    model: Annotated[
+        str, typer.Option(help="The model kind: logreg, mlp or cnn1d.", metavar="KIND")
+    ] = "mlp",
     hidden: Annotated[
         int, typer.Option(min=1, help="Hidden units of the benchmark MLP (3300: 108,902 params).")
     ] = 3300,
     epochs: Annotated[int, typer.Option(min=1, help="Local epochs per round.")] = 2,
+    launcher: Annotated[
+        str | None,
+        typer.Option(
+            help="Start the agent through this command prefix, e.g. a systemd-nspawn into an "
+            "arm64 userland; {dir} becomes the benchmark's folder, which it must bind at the "
+            "same path. CPU times are then reported as emulated.",
+            metavar="COMMAND",
+        ),
+    ] = None,
+    python: Annotated[
+        str | None,
+        typer.Option(help="The interpreter that runs the agent (inside the launcher's system)."),
+    ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON only.")] = False,
 ) -> None:
     """A real `fedledger agent run` process training the benchmark model: idle and peak
-    resident memory and CPU seconds per local round, against a Raspberry Pi budget."""
+    resident memory and CPU seconds per local round, against a Raspberry Pi budget and the
+    memory budget of every device class in firmware_configs/."""
     from bench.agent import run
+    from fedcore import MODEL_KINDS
 
-    _print_bench(run(rounds=rounds, hidden=hidden, epochs=epochs), as_json)
+    if model not in MODEL_KINDS:
+        raise typer.BadParameter(f"must be one of {', '.join(MODEL_KINDS)}", param_hint="--model")
+    if launcher is not None:
+        import shlex
+        import shutil
+
+        try:
+            words = shlex.split(launcher)
+        except ValueError as exc:
+            raise typer.BadParameter(str(exc), param_hint="--launcher") from None
+        if not words or shutil.which(words[0]) is None:
+            raise typer.BadParameter(
+                f"{words[0] if words else launcher!r} is not a command on PATH",
+                param_hint="--launcher",
+            )
+    result = run(
+        rounds=rounds, model=model, hidden=hidden, epochs=epochs, launcher=launcher, python=python
+    )
+    _print_bench(result, as_json)
 
 
 @bench_app.command("soak")

@@ -144,6 +144,10 @@ BAD_INPUTS = {
         ["t", "--db", "{d}/ledger.sqlite"],
         ["t"],
     ],
+    ("bench", "agent"): [
+        ["--model", "resnet"],
+        ["--launcher", "no-such-launcher-x", "--rounds", "1"],
+    ],
     ("bench", "privacy"): [["--dataset", "nonsense"], ["--noise", "0"]],
     ("ledger", "device"): [
         ["device-01", "--db", "{d}/garbage.sqlite"],

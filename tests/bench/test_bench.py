@@ -112,3 +112,23 @@ def test_agent_bench_small():
     assert result["model_params"] == 30 * 64 + 64 + 64 * 2 + 2
     assert 10 < result["idle_rss_mb"] <= result["peak_rss_mb"] < 1000
     assert result["cpu_s_per_round"] > 0 and result["python_floor_mb"] > 1
+    assert result["machine"] and result["launcher"] is None
+    pi_zero = result["device_classes"]["raspberry-pi-zero-2w"]
+    assert pi_zero["memory_budget_mb"] == 100
+    assert pi_zero["peak_margin_mb"] == pytest.approx(100 - result["peak_rss_mb"], abs=0.1)
+
+
+def test_agent_bench_through_a_launcher_samples_the_launched_interpreter(tmp_path):
+    from bench.agent import run
+
+    # A launcher that forks before it runs the agent, as systemd-nspawn does.
+    result = run(
+        rounds=1,
+        model="logreg",
+        epochs=1,
+        launcher="env FEDLEDGER_BENCH_DIR={dir} sh -c '\"$@\"; exit $?' launcher",
+    )
+    assert result["model"] == "logreg" and "launcher" in result["launcher"]
+    assert "cpu_s_per_round" not in result and result["emulated_cpu_s_per_round"] > 0
+    # The agent, not the launcher: a Python process with the agent's memory.
+    assert result["peak_rss_mb"] > result["python_floor_mb"] > 1
